@@ -1,0 +1,1 @@
+"""The `lora` command line: a thin click layer over `advisor` and `flax_lora`."""
