@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
 SCHEMA_VERSION = "1"
 
@@ -62,12 +62,23 @@ class AdviceRequest(_Strict):
     dropout: float | None = Field(default=None, ge=0, lt=1)
     epochs: PositiveInt | None = None
     batch_size: PositiveInt | None = None
+    gradient_accumulation_steps: PositiveInt | None = None
     learning_rate: float | None = Field(default=None, gt=0, lt=1)
     lr_schedule: Schedule | None = None
     warmup_steps: int | None = Field(default=None, ge=0)
     target_modules: tuple[str, ...] | TargetPreset | None = None
     quantization: Quantization | None = None
     precision: Precision | None = None
+
+    @field_validator("model_params", mode="before")
+    @classmethod
+    def _size(cls, value):
+        """Accept size classes like "1.3B" or "350M" as well as plain counts."""
+        if value is None:
+            return None
+        from advisor.catalog import parse_size
+
+        return parse_size(value)
 
     @model_validator(mode="after")
     def _need_size(self) -> "AdviceRequest":

@@ -1,0 +1,123 @@
+"""Training-memory model for LoRA from a model's shape (per GPU, no gradient checkpointing).
+
+The guide says "Memory ∝ batch_size × max_length²". That holds for the attention-score term
+only. Everything else that grows with the batch (hidden states, MLP activations, logits) grows
+*linearly* in max_length and dominates until T passes ``quadratic_crossover`` — for GPT-2 and
+most 1-8B models that is thousands of tokens. Weights and optimizer state do not grow at all.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+from advisor.catalog import ARCHS, linear_layers
+from advisor.schema import MemoryEstimate, ModelShape
+
+GIB = 2**30
+BYTES = {"bf16": 2, "fp32": 4}
+RUNTIME_FIXED_GB = 0.75  # CUDA/XLA context, cuBLAS workspaces, compiled programs
+RUNTIME_FRACTION = 0.10  # allocator fragmentation and XLA temporaries, of everything else
+INT8_SCALE_BYTES = 4  # one fp32 scale per output row of each quantized linear (LLM.int8 style)
+ADAM_STATES = 2  # AdamW keeps m and v, fp32
+
+
+class Setup(NamedTuple):
+    """What the memory depends on besides the shape."""
+
+    r: int
+    targets: tuple[str, ...]
+    batch: int
+    max_length: int
+    precision: str = "bf16"
+    quantization: str = "none"
+
+
+def trainable_params(shape: ModelShape, r: int, targets: tuple[str, ...]) -> int:
+    """Exact LoRA parameters: r * (in + out) for every targeted linear, over all layers."""
+    wanted = set(targets)
+    per_layer = sum(r * (n_in + n_out) for name, n_in, n_out in linear_layers(shape) if name in wanted)
+    return shape.n_layers * per_layer
+
+
+def frozen_weight_bytes(shape: ModelShape, precision: str, quantization: str) -> float:
+    """Frozen base weights: all in the compute dtype, or int8 decoder linears + their scales.
+
+    int8 (as ``load_in_8bit``) quantizes only the decoder linears; embeddings, head and
+    position tables stay in the compute dtype.
+    """
+    dtype = BYTES[precision]
+    if quantization != "int8":
+        return shape.params * dtype
+    linears = linear_layers(shape)
+    q_params = shape.n_layers * sum(i * o for _, i, o in linears)
+    scales = shape.n_layers * sum(o for _, _, o in linears) * INT8_SCALE_BYTES
+    return q_params * 1 + scales + (shape.params - q_params) * dtype
+
+
+def activation_elements_per_token(shape: ModelShape, r: int, n_targets: int) -> int:
+    """Elements saved for the backward pass per token per layer, excluding attention scores.
+
+    Residual input, two norm outputs, the attention output (4h); q, k, v; the MLP's
+    pre-activation(s) and activated output (2 x intermediate, 3 x when gated); r per LoRA
+    module for its A·x.
+    """
+    q, kv = shape.n_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim
+    mlp = (3 if ARCHS[shape.model_type].gated_mlp else 2) * shape.intermediate
+    return 4 * shape.hidden + q + 2 * kv + mlp + r * n_targets
+
+
+def quadratic_crossover(shape: ModelShape, r: int = 8, n_targets: int = 4, precision: str = "bf16") -> int:
+    """The max_length above which the T² attention scores outweigh all per-token terms."""
+    per_token = shape.n_layers * activation_elements_per_token(shape, r, n_targets) * BYTES[precision]
+    per_token += 8 * shape.vocab  # fp32 logits + their gradient
+    return math.ceil(per_token / (shape.n_layers * shape.n_heads * BYTES[precision]))
+
+
+def breakdown(shape: ModelShape, s: Setup) -> dict[str, float]:
+    """Bytes by category (see module docstring); runtime overhead included."""
+    dtype = BYTES[s.precision]
+    lora = trainable_params(shape, s.r, s.targets)
+    n_targets = sum(1 for name, _, _ in linear_layers(shape) if name in set(s.targets))
+    tokens = s.batch * s.max_length
+    parts = {
+        "frozen_weights": frozen_weight_bytes(shape, s.precision, s.quantization),
+        "lora_params": lora * 4.0,
+        "gradients": lora * 4.0,
+        "optimizer_states": lora * 4.0 * ADAM_STATES,
+        "activations": shape.n_layers * tokens * dtype * (
+            activation_elements_per_token(shape, s.r, n_targets) + shape.n_heads * s.max_length),
+        "logits": tokens * shape.vocab * 8.0,
+    }
+    parts["runtime_overhead"] = RUNTIME_FIXED_GB * GIB + RUNTIME_FRACTION * sum(parts.values())
+    return parts
+
+
+def estimate(shape: ModelShape, s: Setup, vram_gb: float) -> MemoryEstimate:
+    """The estimate in GiB against the GPU's memory, with the assumptions it rests on."""
+    raw = breakdown(shape, s)
+    total = sum(raw.values()) / GIB
+    parts = {k: round(v / GIB, 3) for k, v in raw.items()}
+    crossover = quadratic_crossover(shape, s.r, len(s.targets), s.precision)
+    return MemoryEstimate(
+        total_gb=round(total, 3),
+        breakdown_gb=parts,
+        vram_gb=vram_gb,
+        fits=total <= vram_gb,
+        headroom_gb=round(vram_gb - total, 3),
+        assumptions=(
+            f"model shape: {shape.name} ({shape.source})",
+            "GB = GiB (2^30 bytes), per GPU, as nvidia-smi reports",
+            f"frozen weights in {s.precision}" + (" with int8 decoder linears" if s.quantization == "int8" else "")
+            + "; LoRA params, gradients and AdamW m/v in fp32",
+            "no gradient checkpointing; attention scores materialized (batch x heads x T^2 per layer)",
+            "logits and their gradient in fp32 (batch x T x vocab)",
+            f"runtime overhead: {RUNTIME_FIXED_GB} GB context + {RUNTIME_FRACTION:.0%} of the rest",
+            f"memory grows ~linearly in max_length below T = {crossover} tokens for this model; "
+            "the guide's 'batch x max_length^2' holds only above it",
+        ),
+    )
+
+
+def fits(shape: ModelShape, s: Setup, vram_gb: float) -> bool:
+    return sum(breakdown(shape, s).values()) / GIB <= vram_gb
