@@ -104,7 +104,8 @@ LEARNING_RATES: dict[float, str] = {
     1e-3: "Very aggressive, risk of instability",
 }
 DEFAULT_LEARNING_RATE = 2e-4
-LARGE_MODEL_PARAMS = 7e9  # "Large (7B params)" in the batch table
+# "Large (7B params)" in the batch table; published "7B" models have 6.7-7.6B (GPT-J: 6.05B).
+LARGE_MODEL_PARAMS = 6e9
 LARGE_MODEL_LEARNING_RATE = 1e-4
 # "The tool uses a constant learning rate" (+ linear, cosine, warmup + decay for advanced use).
 DEFAULT_SCHEDULE = "constant"

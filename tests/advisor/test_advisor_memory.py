@@ -1,0 +1,90 @@
+"""The memory model against hand computations (numbers written out, not recomputed by the code)."""
+
+import pytest
+
+from advisor import catalog, memory
+from advisor.memory import GIB, Setup
+
+
+def test_gpt2_bf16_by_hand():
+    shape = catalog.lookup("gpt2")
+    s = Setup(r=8, targets=("c_attn", "c_proj"), batch=2, max_length=128)
+    # 12 layers x (c_attn 768x2304 + attn c_proj 768x768 + c_fc 768x3072 + mlp c_proj 3072x768)
+    # + wte 50257x768 + wpe 1024x768 (tied head)
+    params = 12 * (1_769_472 + 589_824 + 2_359_296 + 2_359_296) + 38_597_376 + 786_432
+    assert params == shape.params == 124_318_464
+    # LoRA r=8 on c_attn (768+2304), both c_proj (768+768, 3072+768): 8 x 8448 per layer
+    lora = 12 * 8 * ((768 + 2304) + (768 + 768) + (3072 + 768))
+    assert lora == memory.trainable_params(shape, 8, s.targets) == 811_008
+    # per token per layer: 4h + q + 2kv + 2*inter + r*3 modules, + heads*T scores
+    per_token = 4 * 768 + 768 + 2 * 768 + 2 * 3072 + 8 * 3 + 12 * 128
+    expected = {
+        "frozen_weights": params * 2,
+        "lora_params": lora * 4,
+        "gradients": lora * 4,
+        "optimizer_states": lora * 8,
+        "activations": 12 * (2 * 128) * 2 * per_token,
+        "logits": (2 * 128) * 50257 * 8,
+    }
+    expected["runtime_overhead"] = 0.75 * GIB + 0.1 * sum(expected.values())
+    got = memory.breakdown(shape, s)
+    assert got == pytest.approx(expected)
+    est = memory.estimate(shape, s, vram_gb=1.0)
+    assert est.total_gb == pytest.approx(sum(expected.values()) / GIB, abs=1e-3)
+    assert est.fits is False and est.headroom_gb == pytest.approx(1.0 - est.total_gb, abs=1e-3)
+
+
+def test_llama_3_2_1b_int8_gqa_by_hand():
+    shape = catalog.lookup("llama-3.2-1b")
+    s = Setup(r=16, targets=("q_proj", "v_proj"), batch=1, max_length=1024, quantization="int8")
+    # decoder linears: q 2048x2048, k,v 2048x512 (8 kv heads x 64), o 2048x2048, gate/up/down 2048x8192
+    linears = 16 * (4_194_304 + 1_048_576 + 1_048_576 + 4_194_304 + 3 * 16_777_216)
+    embed = 128256 * 2048  # tied
+    assert linears + embed == shape.params
+    scales = 16 * (2048 + 512 + 512 + 2048 + 8192 + 8192 + 2048) * 4
+    lora = 16 * (16 * (2048 + 2048) + 16 * (2048 + 512))  # v_proj out is kv_heads*head_dim = 512
+    assert lora == memory.trainable_params(shape, 16, s.targets) == 1_703_936
+    per_token = 4 * 2048 + 2048 + 2 * 512 + 3 * 8192 + 16 * 2 + 32 * 1024  # gated MLP: 3 x inter
+    expected = {
+        "frozen_weights": linears * 1 + scales + embed * 2,
+        "lora_params": lora * 4,
+        "gradients": lora * 4,
+        "optimizer_states": lora * 8,
+        "activations": 16 * 1024 * 2 * per_token,
+        "logits": 1024 * 128256 * 8,
+    }
+    expected["runtime_overhead"] = 0.75 * GIB + 0.1 * sum(expected.values())
+    assert memory.breakdown(shape, s) == pytest.approx(expected)
+
+
+def test_int8_and_fp32_change_only_the_weights():
+    shape = catalog.lookup("mistral-7b")
+    base = Setup(8, ("q_proj", "v_proj"), 1, 256)
+    bf16 = memory.breakdown(shape, base)
+    fp32 = memory.breakdown(shape, base._replace(precision="fp32"))
+    int8 = memory.breakdown(shape, base._replace(quantization="int8"))
+    assert fp32["frozen_weights"] == 2 * bf16["frozen_weights"]
+    assert 0.5 < int8["frozen_weights"] / bf16["frozen_weights"] < 0.55  # embeddings stay bf16
+    assert int8["logits"] == bf16["logits"] and int8["lora_params"] == bf16["lora_params"]
+
+
+def test_where_the_guides_quadratic_rule_holds():
+    """Below the crossover doubling T roughly doubles the batch-dependent memory; far above, ~4x."""
+    shape = catalog.lookup("gpt2")
+    t_star = memory.quadratic_crossover(shape, r=8, n_targets=3)
+    assert 1000 < t_star < 20000  # for GPT-2, the linear terms dominate at every usual length
+
+    def batch_part(t):
+        b = memory.breakdown(shape, Setup(8, ("c_attn", "c_proj"), 1, t))
+        return b["activations"] + b["logits"]
+
+    assert batch_part(256) / batch_part(128) < 2.2
+    assert batch_part(32 * t_star) / batch_part(16 * t_star) > 3.7
+
+
+def test_trainable_params_grow_linearly_in_r():
+    shape = catalog.lookup("opt-1.3b")
+    names = catalog.preset_modules("opt", "attention-mlp")
+    assert memory.trainable_params(shape, 16, names) == 2 * memory.trainable_params(shape, 8, names)
+    # r=8 on OPT-1.3B full attention: 24 layers x 4 modules x 8 x (2048 + 2048)
+    assert memory.trainable_params(shape, 8, catalog.preset_modules("opt", "attention")) == 24 * 4 * 8 * 4096
