@@ -83,7 +83,7 @@ class AdviceRequest(_Strict):
     @model_validator(mode="after")
     def _need_size(self) -> "AdviceRequest":
         if self.samples is None and self.data is None:
-            raise ValueError("give the number of samples or a data file")
+            raise ValueError("give the number of samples (--samples) or a data file (--data)")
         return self
 
 
