@@ -51,14 +51,10 @@ def validation_message(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def _fmt(x: float) -> str:
-    return f"{x:g}"
-
-
 class _Reasons(list):
     def add(self, field: str, value, why: str) -> None:
-        self.append(Reason(field=field, value=value if isinstance(value, str) else _fmt(value)
-                           if isinstance(value, float) else str(value), why=why))
+        text = f"{value:g}" if isinstance(value, float) else str(value)
+        self.append(Reason(field=field, value=text, why=why))
 
 
 def choose_epochs(samples: int) -> tuple[int, str]:
@@ -73,13 +69,14 @@ def choose_epochs(samples: int) -> tuple[int, str]:
                     f"interpolated on log(samples) over {a:,}-{b:,} ({frac:.2f} of the way) -> {epochs}")
 
 
-def choose_max_length(req: AdviceRequest, recipe, lengths: list[int] | None) -> tuple[int, str]:
+def choose_max_length(req: AdviceRequest, recipe, lengths: list[int] | None,
+                      unit: str = "tokens") -> tuple[int, str]:
     if req.max_length is not None:
         return req.max_length, "given"
     if lengths:
         p = data_stats.percentile(lengths, T.LENGTH_PERCENTILE)
         value = max(T.LENGTH_MULTIPLE, math.ceil(p / T.LENGTH_MULTIPLE) * T.LENGTH_MULTIPLE)
-        return value, (f"{T.LENGTH_PERCENTILE}th percentile of the data's lengths is {p} tokens, "
+        return value, (f"{T.LENGTH_PERCENTILE}th percentile of the data's lengths is {p} {unit}, "
                        f"rounded up to a multiple of {T.LENGTH_MULTIPLE}")
     if req.text_length is not None:
         value, label = T.MAX_LENGTH_BY_TEXT[req.text_length]
@@ -196,7 +193,8 @@ def advise(request: AdviceRequest) -> Advice:
     reasons.add("lora.target_modules", ",".join(targets), why)
 
     # --- sequence, precision, learning rate ------------------------------------------------
-    max_length, why = choose_max_length(req, recipe, lengths)
+    unit = "tokens" if tokenizer else f"tokens (estimated at {data_stats.CHARS_PER_TOKEN:g} chars/token)"
+    max_length, why = choose_max_length(req, recipe, lengths, unit)
     if max_length > shape.max_positions:
         note = f"{max_length} exceeds {shape.name}'s {shape.max_positions} positions: capped"
         if req.max_length is not None:
@@ -288,8 +286,8 @@ def advise(request: AdviceRequest) -> Advice:
     else:
         target = min(T.TARGET_EFFECTIVE_BATCH, samples)
         accum = max(1, math.ceil(target / (batch * req.gpus)))
-        why = (f'"Effective batch size" example 4 x 4 = {T.TARGET_EFFECTIVE_BATCH}: accumulate to reach '
-               f"{target} -> ceil({target} / ({batch} x {req.gpus} GPU)) = {accum}")
+        why = (f'"Effective batch size" example 4 x {T.DEFAULT_GRAD_ACCUMULATION} = {T.TARGET_EFFECTIVE_BATCH}: '
+               f"accumulate to reach {target} -> ceil({target} / ({batch} x {req.gpus} GPU)) = {accum}")
     reasons.add("training.gradient_accumulation_steps", accum, why)
     effective = batch * accum * req.gpus
     reasons.add("training.effective_batch_size", effective,

@@ -92,7 +92,6 @@ BATCH_BY_VRAM: tuple[BatchRow, ...] = (
 # "Effective batch size" example: 4 x 4 = 16; "Gradient Accumulation": steps = 4.
 TARGET_EFFECTIVE_BATCH = 16
 DEFAULT_GRAD_ACCUMULATION = 4
-START_BATCH_TIP = 4  # "Start with batch_size=4 and adjust based on memory"
 
 # "Learning Rate" -> "Common values".
 LEARNING_RATES: dict[float, str] = {
@@ -109,7 +108,6 @@ LARGE_MODEL_PARAMS = 6e9
 LARGE_MODEL_LEARNING_RATE = 1e-4
 # "The tool uses a constant learning rate" (+ linear, cosine, warmup + decay for advanced use).
 DEFAULT_SCHEDULE = "constant"
-SCHEDULES = ("constant", "linear", "cosine")
 WARMUP_FRACTION = 0.05  # for decaying schedules only; the guide gives no number
 
 # "Maximum Sequence Length" -> "Choosing max length".
