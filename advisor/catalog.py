@@ -18,7 +18,9 @@ from advisor.schema import ModelShape
 
 
 class Arch(NamedTuple):
-    """Per-architecture LoRA module names (as PEFT matches them: last path component)."""
+    """Per-architecture LoRA module names, as PEFT matches them: a name matches a module whose
+    dotted path equals it or ends with ``"." + name`` (GPT-2 needs ``attn.c_proj`` vs
+    ``mlp.c_proj``: both are called ``c_proj``)."""
 
     attention_qv: tuple[str, ...]
     attention: tuple[str, ...]
@@ -30,7 +32,7 @@ class Arch(NamedTuple):
 _LLAMA = Arch(("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj"),
               ("gate_proj", "up_proj", "down_proj"), False, True)
 ARCHS: dict[str, Arch] = {
-    "gpt2": Arch(("c_attn",), ("c_attn", "c_proj"), ("c_fc", "c_proj"), True, False),
+    "gpt2": Arch(("c_attn",), ("c_attn", "attn.c_proj"), ("c_fc", "mlp.c_proj"), True, False),
     "opt": Arch(("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "out_proj"),
                 ("fc1", "fc2"), True, False),
     "gpt_neo": Arch(("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "out_proj"),
@@ -60,6 +62,12 @@ _KEYS = {
 _TIED_DEFAULT = {"gptj": False, "llama": False, "mistral": False, "qwen2": False}
 
 
+def name_matches(layer: str, target: str) -> bool:
+    """PEFT's ``target_modules`` rule on a layer's (dotted, per-block) name: equal, or ending
+    with ``"." + target``; so ``c_proj`` matches GPT-2's ``attn.c_proj`` and ``mlp.c_proj``."""
+    return ("." + layer).endswith("." + target)
+
+
 def preset_modules(model_type: str, preset: str) -> tuple[str, ...]:
     """Concrete module names of a guide preset for an architecture."""
     arch = ARCHS[model_type]
@@ -73,14 +81,14 @@ def preset_modules(model_type: str, preset: str) -> tuple[str, ...]:
 def linear_layers(shape: ModelShape) -> list[tuple[str, int, int]]:
     """(name, in, out) of every LoRA-targetable linear in one decoder layer.
 
-    Names repeat where the architecture repeats them (GPT-2's ``c_proj`` is both the attention
-    output and the MLP output), so name matching counts both, as PEFT does.
+    A name is qualified by its parent where the architecture reuses it (GPT-2's ``c_proj`` is
+    both ``attn.c_proj`` and ``mlp.c_proj``); match targets with :func:`name_matches`.
     """
     h, i = shape.hidden, shape.intermediate
     q, kv = shape.n_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim
     t = shape.model_type
     if t == "gpt2":
-        return [("c_attn", h, 3 * h), ("c_proj", h, h), ("c_fc", h, i), ("c_proj", i, h)]
+        return [("c_attn", h, 3 * h), ("attn.c_proj", h, h), ("c_fc", h, i), ("mlp.c_proj", i, h)]
     if t == "bloom":
         return [("query_key_value", h, 3 * h), ("dense", h, h),
                 ("dense_h_to_4h", h, i), ("dense_4h_to_h", i, h)]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from advisor.catalog import ARCHS, linear_layers
+from advisor.catalog import ARCHS, linear_layers, name_matches
 from advisor.schema import MemoryEstimate, ModelShape
 
 GIB = 2**30
@@ -35,8 +35,8 @@ class Setup(NamedTuple):
 
 def trainable_params(shape: ModelShape, r: int, targets: tuple[str, ...]) -> int:
     """Exact LoRA parameters: r * (in + out) for every targeted linear, over all layers."""
-    wanted = set(targets)
-    per_layer = sum(r * (n_in + n_out) for name, n_in, n_out in linear_layers(shape) if name in wanted)
+    per_layer = sum(r * (n_in + n_out) for name, n_in, n_out in linear_layers(shape)
+                    if any(name_matches(name, t) for t in targets))
     return shape.n_layers * per_layer
 
 
@@ -78,7 +78,7 @@ def breakdown(shape: ModelShape, s: Setup) -> dict[str, float]:
     """Bytes by category (see module docstring); runtime overhead included."""
     dtype = BYTES[s.precision]
     lora = trainable_params(shape, s.r, s.targets)
-    n_targets = sum(1 for name, _, _ in linear_layers(shape) if name in set(s.targets))
+    n_targets = sum(1 for name, _, _ in linear_layers(shape) if any(name_matches(name, t) for t in s.targets))
     tokens = s.batch * s.max_length
     parts = {
         "frozen_weights": frozen_weight_bytes(shape, s.precision, s.quantization),

@@ -98,11 +98,9 @@ def resolve_targets(req: AdviceRequest, shape: ModelShape) -> tuple[tuple[str, .
         names = catalog.preset_modules(shape.model_type, preset)
         label = T.TARGET_PRESETS[preset][1]
         why = f'"Target Modules": {label}' + (" (default)" if given is None else "") + f", as {where}"
-        if shape.model_type == "gpt2" and "c_proj" in names:
-            why += "; c_proj matches both attention and MLP output, as in PEFT"
         return names, preset, why
     available = {name for name, _, _ in catalog.linear_layers(shape)}
-    unknown = [n for n in given if n not in available]
+    unknown = [n for n in given if not any(catalog.name_matches(a, n) for a in available)]
     if unknown and known:
         raise AdviceError(f"target module(s) {', '.join(unknown)} not in {shape.name}; "
                           f"it has: {', '.join(sorted(available))}")

@@ -100,17 +100,18 @@ def select_targets(
 ) -> dict[str, LinearInfo]:
     """Linears whose path matches ``targets``.
 
-    ``targets`` is a list of module names (matched against the last path component,
-    like PEFT's ``target_modules``) or one regex string matched against the full
-    ``/``-joined path (like PEFT's regex form). Matching nothing is an error that lists
-    the module names that exist.
+    ``targets`` is a list of module names with PEFT's ``target_modules`` rule (a name matches
+    a module whose path equals it or ends with it on a module boundary; dots or slashes
+    separate: ``c_proj`` matches GPT-2's ``attn/c_proj`` and ``mlp/c_proj``, ``attn.c_proj``
+    only the first) or one regex string matched against the full ``/``-joined path (like
+    PEFT's regex form). Matching nothing is an error that lists the module names that exist.
     """
     if isinstance(targets, str):
         pattern = re.compile(targets)
         chosen = {p: i for p, i in linears.items() if pattern.fullmatch(p)}
     else:
-        names = set(targets)
-        chosen = {p: i for p, i in linears.items() if p.rsplit("/", 1)[-1] in names}
+        suffixes = ["/" + t.replace(".", "/") for t in targets]
+        chosen = {p: i for p, i in linears.items() if any(("/" + p).endswith(s) for s in suffixes)}
     if not chosen:
         existing = sorted({p.rsplit("/", 1)[-1] for p in linears})
         raise UserError(

@@ -56,7 +56,7 @@ def test_gqa_and_gemma_head_dims():
 
 
 @pytest.mark.parametrize("model_type,qv,attn,mlp", [
-    ("gpt2", ("c_attn",), ("c_attn", "c_proj"), ("c_attn", "c_proj", "c_fc")),
+    ("gpt2", ("c_attn",), ("c_attn", "attn.c_proj"), ("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj")),
     ("opt", ("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "out_proj"),
      ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")),
     ("gpt_neo", ("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "out_proj"),

@@ -159,7 +159,7 @@ def test_schedule_and_warmup():
 
 
 @pytest.mark.parametrize("model,names", [
-    ("gpt2", ("c_attn", "c_proj")),
+    ("gpt2", ("c_attn", "attn.c_proj")),
     ("bigscience/bloom-560m", ("query_key_value", "dense")),
     ("facebook/opt-350m", ("q_proj", "k_proj", "v_proj", "out_proj")),
     ("EleutherAI/gpt-j-6B", ("q_proj", "k_proj", "v_proj", "out_proj")),
@@ -177,7 +177,16 @@ def test_explicit_targets_checked_against_the_architecture():
     with pytest.raises(AdviceError, match="c_attn"):
         advise(samples=3000, vram_gb=24, model="gpt2", target_modules=("q_proj",))
     assert advise(samples=3000, vram_gb=24, model="gpt2", target_modules="attention-mlp").lora.target_modules == (
-        "c_attn", "c_proj", "c_fc")
+        "c_attn", "attn.c_proj", "c_fc", "mlp.c_proj")
+
+
+def test_gpt2_names_match_like_peft():
+    """``c_proj`` is GPT-2's attention and MLP output: the bare name adapts both (as PEFT
+    does), the ``attention`` preset only the attention one (``attn.c_proj``)."""
+    both = advise(samples=3000, vram_gb=24, model="gpt2", target_modules=("c_attn", "c_proj"))
+    attn = advise(samples=3000, vram_gb=24, model="gpt2")
+    assert both.trainable_params == 12 * 8 * ((768 + 2304) + (768 + 768) + (3072 + 768))
+    assert attn.trainable_params == 12 * 8 * ((768 + 2304) + (768 + 768))
 
 
 def test_size_class_model():
