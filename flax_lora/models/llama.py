@@ -404,7 +404,11 @@ def unstack_layers(tree: Mapping) -> dict:
 
 
 def load_config(path: str | Path):
-    """transformers config of a checkpoint directory, checked to be a supported Llama family."""
+    """transformers config of a checkpoint directory, checked to be a supported Llama family.
+
+    A ``"dtype": "numpy"`` written by transformers' Flax ``save_pretrained`` is dropped (it
+    makes ``AutoConfig`` fail wherever torch is installed).
+    """
     from transformers import AutoConfig
 
     path = Path(path)
@@ -413,7 +417,10 @@ def load_config(path: str | Path):
     raw = json.loads((path / "config.json").read_text())
     if raw.get("model_type") not in MODEL_TYPES:
         raise UserError(f"{path}: model_type {raw.get('model_type')!r} is not one of {', '.join(MODEL_TYPES)}")
-    return AutoConfig.from_pretrained(str(path))
+    for key in ("dtype", "torch_dtype"):
+        if raw.get(key) not in (None, "float32", "float16", "bfloat16", "float64", "auto"):
+            raw.pop(key)
+    return AutoConfig.for_model(**raw)
 
 
 def param_shapes(module: LlamaForCausalLM) -> dict:
