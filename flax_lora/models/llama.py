@@ -437,13 +437,15 @@ def load_llama(
     scan: bool = False,
     remat: bool = False,
     seed: int = 0,
+    config=None,
 ):
     """(module, params, config) from a PyTorch safetensors checkpoint dir, or a config (random init).
 
-    Params are in ``param_dtype`` (bfloat16 or float32), stacked when ``scan``.
+    Params are in ``param_dtype`` (bfloat16 or float32), stacked when ``scan``. ``config``
+    overrides the directory's config.json.
     """
     if isinstance(path_or_config, (str, Path)):
-        config = load_config(path_or_config)
+        config = config if config is not None else load_config(path_or_config)
     else:
         config = path_or_config
         if config.model_type not in MODEL_TYPES:
@@ -461,6 +463,27 @@ def load_llama(
     if scan:
         params = stack_layers(params, config.num_hidden_layers)
     return module, params, config
+
+
+def load_causal_lm(source: str, config=None, *, dtype=jnp.float32, scan: bool = False, remat: bool = False):
+    """Registry loader (``flax_lora.models.REGISTRY``): a Hub id or folder -> ``CausalLM``.
+
+    Frozen params are stored in the compute ``dtype``, like the transformers-backed loader.
+    """
+    from flax_lora.models import CausalLM
+    from flax_lora.models.hf import resolve
+
+    folder = resolve(source)
+    module, params, config = load_llama(folder, dtype, dtype, scan=scan, remat=remat, config=config)
+    return CausalLM(module, params, config, config.model_type, source, dtype)
+
+
+def causal_lm_from_config(config, *, dtype=jnp.float32, seed: int = 0, source: str = "config"):
+    """A random-initialised ``CausalLM`` of the Llama family (tests, demos)."""
+    from flax_lora.models import CausalLM
+
+    module, params, config = load_llama(config, dtype, dtype, seed=seed)
+    return CausalLM(module, params, config, config.model_type, source, dtype)
 
 
 def hf_wrapper(module: LlamaForCausalLM, params: Mapping | None = None):

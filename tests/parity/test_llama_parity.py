@@ -140,3 +140,30 @@ def test_shape_mismatch_names_the_tensor(tmp_path):
     config.head_dim = 8  # what transformers' FlaxLlama assumes (hidden / heads)
     with pytest.raises(UserError, match=r"self_attn\.[kq]_proj\.weight has shape"):
         torch_to_flax(read_checkpoint(FIXTURES / "llama_theta_gqa_headdim"), param_shapes(LlamaForCausalLM(config)))
+
+
+def test_lora_under_remat_and_scan():
+    """The LoRA interceptor reaches Dense layers inside nn.remat and nn.scan (stacked adapter)."""
+    from flax_lora.lora import discover_linears, init_lora, lora_active, select_targets
+
+    name = "llama_theta_gqa_headdim"
+    ids = jnp.asarray(_golden(name)["input_ids"])
+    module, params, _ = load_llama(FIXTURES / name)
+    linears = discover_linears(lambda p: module.apply({"params": p}, ids), params)
+    lora = init_lora(select_targets(linears, ["q_proj", "down_proj"]), 4, jax.random.PRNGKey(0))
+    lora = jax.tree_util.tree_map(lambda x: x + 0.1, lora)  # non-zero B
+
+    def run(m, p, l):
+        with lora_active(2.0):
+            return m.apply({"params": p, "lora": l}, ids).logits
+
+    ref = run(module, params, lora)
+    assert float(jnp.abs(ref - module.apply({"params": params}, ids).logits).max()) > 1e-3
+    m, p, _ = load_llama(FIXTURES / name, scan=True, remat=True)
+    np.testing.assert_allclose(run(m, p, stack_layers(lora, 2)), ref, atol=1e-5)
+    m, p, _ = load_llama(FIXTURES / name, remat=True)
+    np.testing.assert_allclose(run(m, p, lora), ref, atol=1e-5)
+    g_ref = jax.grad(lambda l: run(module, params, l).mean())(lora)
+    g_scan = unstack_layers(jax.grad(lambda l: run(*load_llama(FIXTURES / name, scan=True)[:2], l).mean())(stack_layers(lora, 2)))
+    for a, b in zip(jax.tree_util.tree_leaves(g_scan), jax.tree_util.tree_leaves(g_ref)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
