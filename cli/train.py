@@ -1,0 +1,143 @@
+"""`lora train`, `lora eval`, `lora generate`: thin CLI over flax_lora.trainer (jax imported lazily)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+def _load_advice(path: str):
+    from advisor.schema import Advice
+    from flax_lora.errors import UserError
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"advice file not found: {path}")
+    text = p.read_text()
+    try:
+        return Advice.from_json(text), text
+    except ValueError as exc:  # pydantic ValidationError is a ValueError
+        first = str(exc).splitlines()
+        raise UserError(f"{path}: not a valid advice file ({' '.join(first[:3])})") from None
+
+
+def _default_advice(model: str | None, data: str | None, quiet: bool):
+    """The advisor's advice for this data (no --from-advice), or None (guide defaults) if unavailable."""
+    try:
+        from advisor import advise
+    except ImportError:
+        return None, None
+    try:
+        if data is None:  # the demo
+            from flax_lora.demo import N_TRAIN
+
+            adv = advise(samples=N_TRAIN, vram_gb=12.0)
+        else:
+            adv = advise(data=data, vram_gb=_vram_gb(), model=model)
+    except Exception as exc:  # advice is a convenience here: fall back to the guide's defaults
+        if not quiet:
+            click.echo(f"lora: advisor unavailable for this data ({exc}); using the guide's defaults", err=True)
+        return None, None
+    return adv, adv.to_json()
+
+
+def _vram_gb() -> float:
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    return round(stats.get("bytes_limit", 16 * 2**30) / 2**30, 1)
+
+
+@click.command("train")
+@click.option("--from-advice", "advice_file", type=str, help="Advice JSON from `lora advise -o`.")
+@click.option("--model", type=str, help="Hub id or local folder (default: the built-in demo).")
+@click.option("--data", type=str, help="JSONL/JSON/CSV/Parquet file or Hub dataset (default: the demo's).")
+@click.option("--eval-data", type=str, help="Eval set (default: a held-out 5% of --data).")
+@click.option("--output", "-o", type=str, default="run", show_default=True, help="Run directory.")
+@click.option("--max-steps", type=click.IntRange(min=1), help="Stop after N optimizer steps.")
+@click.option("--epochs", type=click.IntRange(min=1))
+@click.option("--batch-size", type=click.IntRange(min=1), help="Per-device micro-batch size.")
+@click.option("--grad-accum", type=click.IntRange(min=1), help="Gradient accumulation steps.")
+@click.option("--max-length", type=click.IntRange(min=8))
+@click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True, max=1))
+@click.option("--save-every", type=click.IntRange(min=0), help="Checkpoint every N steps (0: only at the end).")
+@click.option("--eval-every", type=click.IntRange(min=0), help="Validation loss every N steps.")
+@click.option("--resume", is_flag=True, help="Continue the run in --output from its last checkpoint.")
+@click.option("--seed", type=int)
+@click.option("--precision", type=click.Choice(["bf16", "fp32"]))
+@click.option("--input-field", type=str, help="Column holding the prompt.")
+@click.option("--target-field", type=str, help="Column holding the target.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or messages (scripts).")
+def train(advice_file, model, data, eval_data, output, max_steps, epochs, batch_size, grad_accum, max_length,
+          learning_rate, save_every, eval_every, resume, seed, precision, input_field, target_field, quiet):
+    """Train a LoRA adapter: flags override the advice; no --model/--data trains the built-in demo."""
+    from flax_lora.trainer import config_from_advice, train as run_train
+
+    if advice_file:
+        advice, advice_json = _load_advice(advice_file)
+    else:
+        advice, advice_json = _default_advice(model, data, quiet)
+    overrides = dict(eval_data=eval_data, max_steps=max_steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
+                     max_length=max_length, learning_rate=learning_rate, save_every=save_every, eval_every=eval_every,
+                     seed=seed, precision=precision, input_field=input_field, target_field=target_field)
+    cfg = config_from_advice(advice, model=model, data=data, output=output, overrides=overrides)
+    result = run_train(cfg, resume=resume, advice_json=advice_json, quiet=quiet)
+    if quiet:
+        click.echo(json.dumps({"output": cfg.output, "eval_loss": result["after"]["loss"],
+                               "rougeL": result["after"].get("rougeL")}))
+
+
+@click.command("eval")
+@click.argument("run_dir", type=str)
+@click.option("--data", type=str, help="Evaluate on this file instead of the run's eval set.")
+@click.option("--rouge-examples", type=click.IntRange(min=0), default=32, show_default=True)
+def eval_cmd(run_dir, data, rouge_examples):
+    """Evaluate a run directory's adapter: loss, perplexity, ROUGE-1/2/L (JSON on stdout)."""
+    from flax_lora.evaluate import Evaluator
+    from flax_lora.trainer import load_run
+
+    s, lora = load_run(run_dir, data=data)
+    ev = Evaluator(s.model, s.lora_cfg, s.tokenizer, s.eval_examples, max_length=s.cfg.max_length,
+                   batch_size=min(16, len(s.eval_examples)), max_new_tokens=s.cfg.max_new_tokens)
+    res = ev.evaluate(lora, s.model.params, rouge_examples)
+    res.pop("samples", None)
+    click.echo(json.dumps(res, indent=2))
+
+
+@click.command("generate")
+@click.argument("run_dir", required=False, type=str)
+@click.option("--model", type=str, help="Base model (Hub id or folder) when no RUN_DIR is given.")
+@click.option("--adapter", type=str, help="Adapter directory to apply to --model.")
+@click.option("--prompt", required=True, type=str)
+@click.option("--max-new-tokens", type=click.IntRange(min=1, max=1024), default=64, show_default=True)
+def generate(run_dir, model, adapter, prompt, max_new_tokens):
+    """Greedy continuation of --prompt from a run directory, or a model (+ optional adapter)."""
+    import numpy as np
+
+    from flax_lora.errors import UserError
+    from flax_lora.evaluate import Evaluator
+    from flax_lora.lora import LoraConfig
+
+    if bool(run_dir) == bool(model):
+        raise UserError("give a RUN_DIR or --model (with an optional --adapter), not both")
+    if run_dir:
+        from flax_lora.trainer import load_run
+
+        s, lora = load_run(run_dir)
+        m, tok, lora_cfg = s.model, s.tokenizer, s.lora_cfg
+    else:
+        from flax_lora.adapter import load_adapter
+        from flax_lora.models import load_model, load_tokenizer
+
+        m, tok = load_model(model), load_tokenizer(model)
+        lora, lora_cfg = {}, LoraConfig(1, 1.0)
+        if adapter:
+            lora, lora_cfg, _, _ = load_adapter(adapter)
+    ids = np.asarray(tok(prompt, add_special_tokens=True)["input_ids"], np.int32)
+    if ids.size == 0:
+        raise UserError("--prompt tokenizes to nothing")
+    ev = Evaluator(m, lora_cfg, tok, [], max_length=max(len(ids), 16), batch_size=1, max_new_tokens=max_new_tokens)
+    out = ev.generate(lora, m.params, [ids])[0]
+    click.echo(tok.decode(out, skip_special_tokens=True).strip())  # the continuation only

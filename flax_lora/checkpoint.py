@@ -1,0 +1,59 @@
+"""Checkpoints of a run with orbax: train state (LoRA, AdamW, step, RNG) + data position.
+
+``RUN/checkpoints/<step>/`` holds ``state`` (an orbax PyTree) and ``meta`` (JSON: step, data
+position, eval loss). The manager keeps the last ``keep`` checkpoints and, among those with an
+eval loss, the best one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from flax_lora.data import Position
+from flax_lora.train import TrainState
+
+
+class Checkpoints:
+    def __init__(self, directory: str | Path, keep: int = 3):
+        import orbax.checkpoint as ocp
+        from orbax.checkpoint import checkpoint_managers as cm
+
+        self._ocp = ocp
+        policy = cm.AnyPreservationPolicy([
+            cm.LatestN(n=keep),
+            cm.BestN(get_metric_fn=lambda m: m["eval_loss"], reverse=True, n=1, keep_checkpoints_without_metrics=False),
+        ])
+        self.manager = ocp.CheckpointManager(
+            Path(directory).absolute(),
+            options=ocp.CheckpointManagerOptions(preservation_policy=policy, create=True, enable_async_checkpointing=False),
+        )
+
+    def save(self, state: TrainState, position: Position, eval_loss: float | None = None) -> int:
+        step = int(state.step)
+        meta = {"step": step, "epoch": position.epoch, "batch": position.batch, "eval_loss": eval_loss}
+        self.manager.save(
+            step,
+            args=self._ocp.args.Composite(state=self._ocp.args.StandardSave(state._asdict()), meta=self._ocp.args.JsonSave(meta)),
+            metrics={"eval_loss": eval_loss} if eval_loss is not None else None,
+            force=True,
+        )
+        return step
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def restore(self, like: TrainState, step: int | None = None) -> tuple[TrainState, Position, dict[str, Any]]:
+        """The state at ``step`` (default: latest), shaped like ``like``, and its data position."""
+        step = self.latest_step() if step is None else step
+        abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like._asdict())
+        got = self.manager.restore(
+            step, args=self._ocp.args.Composite(state=self._ocp.args.StandardRestore(abstract), meta=self._ocp.args.JsonRestore())
+        )
+        meta = dict(got["meta"])
+        return TrainState(**got["state"]), Position(meta["epoch"], meta["batch"]), meta
+
+    def close(self) -> None:
+        self.manager.close()

@@ -1,0 +1,77 @@
+"""The built-in demo: a small GPT-2 trained offline, in under two minutes on 2 CPU cores.
+
+Task: ``reverse 3 1 4 1 :`` -> ``one four one three`` (reverse four digits and spell them).
+The model is random-initialised from the shipped ``demo_assets/config.json``, the word-level
+tokenizer is built from ``demo_assets/vocab.txt`` with the ``tokenizers`` library, and the
+data is generated from the seed. All three are written into the run directory (``model/``,
+``data/``), so ``lora eval`` / ``lora generate`` / ``--resume`` treat the demo like any run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+ASSETS = Path(__file__).parent / "demo_assets"
+WORDS = "zero one two three four five six seven eight nine".split()
+N_TRAIN, N_EVAL = 2000, 64
+
+# What the demo sets over the advice (the advice targets a pretrained model; this one is
+# random-init and tiny). Explicit CLI flags still win over these.
+OVERRIDES = {
+    "max_length": 16,
+    "max_steps": 400,
+    "learning_rate": 1e-3,
+    "log_every": 20,
+    "eval_every": 100,
+    "save_every": 200,
+    "rouge_examples": 64,
+    "max_new_tokens": 8,
+}
+
+
+def build_tokenizer():
+    """A whitespace word-level tokenizer over the shipped vocabulary (no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate((ASSETS / "vocab.txt").read_text().split())}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+
+
+def make_rows(n: int, seed: int) -> list[dict[str, str]]:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n):
+        d = rng.integers(0, 10, 4)
+        rows.append({"prompt": "reverse " + " ".join(map(str, d)) + " :", "completion": " " + " ".join(WORDS[x] for x in d[::-1])})
+    return rows
+
+
+def materialize(run_dir: str | Path, seed: int = 0) -> tuple[Path, Path, Path]:
+    """Write the demo model (random init), tokenizer and data into ``run_dir``; return their paths."""
+    from transformers import AutoConfig
+
+    from flax_lora.models import hf
+
+    run_dir = Path(run_dir)
+    model_dir, data_dir = run_dir / "model", run_dir / "data"
+    if not (model_dir / "model.safetensors").is_file():
+        config = AutoConfig.for_model(**json.loads((ASSETS / "config.json").read_text()))
+        model = hf.from_config(config, seed=seed, source="demo")
+        tok = build_tokenizer()
+        tok.save_pretrained(str(model_dir))
+        hf.save_pt_safetensors(model_dir, model.params, config, "transformer")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, n, s in (("train.jsonl", N_TRAIN, seed), ("eval.jsonl", N_EVAL, seed + 1)):
+        p = data_dir / name
+        if not p.is_file():
+            p.write_text("".join(json.dumps(r) + "\n" for r in make_rows(n, s)))
+        paths.append(p)
+    return model_dir, paths[0], paths[1]

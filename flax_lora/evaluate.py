@@ -1,0 +1,119 @@
+"""Evaluation: validation loss / perplexity, jitted greedy generation, ROUGE-1/2/L.
+
+Generation runs on a fixed-size token buffer ``[B, L]`` inside one ``lax.fori_loop``: each
+step runs the model over the whole buffer (no KV cache: the demo and eval prompts are short,
+and it keeps every family's call signature identical) and writes the argmax after each row's
+current length. Shapes never change during a call, so a buffer size compiles once.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flax_lora.data import Example, bucket_for, buckets, eval_batches
+from flax_lora.lora import LoraConfig, lora_active
+from flax_lora.train import make_eval_step
+
+
+def make_greedy(model, lora_cfg: LoraConfig, max_new_tokens: int, eos_id: int | None):
+    """Jitted ``gen(frozen, lora, buf[B, L], lengths[B]) -> (buf, lengths)``: greedy decoding."""
+    eos = -1 if eos_id is None else int(eos_id)
+
+    def gen(frozen, lora, buf, lengths):
+        L = buf.shape[1]
+        pos = jnp.arange(L)[None, :]
+
+        def body(_, carry):
+            buf, lengths, done = carry
+            with lora_active(lora_cfg.scaling):
+                logits = model.logits({"params": frozen, "lora": lora}, buf, (pos < lengths[:, None]).astype(jnp.int32))
+            last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+            nxt = jnp.argmax(last.astype(jnp.float32), axis=-1).astype(buf.dtype)
+            write = (~done) & (lengths < L)
+            buf = jnp.where(write[:, None] & (pos == lengths[:, None]), nxt[:, None], buf)
+            lengths = lengths + write.astype(lengths.dtype)
+            done = done | (nxt == eos) | (lengths >= L)
+            return buf, lengths, done
+
+        done = jnp.zeros(buf.shape[0], bool)
+        buf, lengths, _ = jax.lax.fori_loop(0, max_new_tokens, body, (buf, lengths, done))
+        return buf, lengths
+
+    return jax.jit(gen)
+
+
+def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Mean ROUGE-1/2/L F1 (rouge-score, with stemming), in [0, 1]."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    scores = [scorer.score(r, p) for p, r in zip(predictions, references)]
+    n = max(len(scores), 1)
+    return {k: sum(s[k].fmeasure for s in scores) / n for k in ("rouge1", "rouge2", "rougeL")}
+
+
+class Evaluator:
+    """Loss and ROUGE of an adapter on a fixed eval set; compiled functions are reused."""
+
+    def __init__(self, model, lora_cfg: LoraConfig, tokenizer, examples: Sequence[Example], *,
+                 max_length: int, batch_size: int = 8, max_new_tokens: int | None = None):
+        self.model, self.lora_cfg, self.tokenizer = model, lora_cfg, tokenizer
+        self.examples = list(examples)
+        self.max_length, self.batch_size = max_length, batch_size
+        self.batches = eval_batches(self.examples, batch_size, max_length, tokenizer.pad_token_id)
+        self._loss = make_eval_step(model, lora_cfg)
+        longest = max((len(e.ids) - e.prompt_len for e in self.examples), default=16)
+        self.max_new_tokens = max_new_tokens or min(bucket_for(longest, buckets(256)), 256)
+        self._gen: dict[int, Any] = {}
+
+    def loss(self, lora, frozen) -> dict[str, float]:
+        total, n = 0.0, 0.0
+        for b in self.batches:
+            s, c = self._loss(lora, frozen, b)
+            total, n = total + s, n + c  # device adds; one sync below
+        total, n = float(total), float(n)
+        loss = total / max(n, 1.0)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(n)}
+
+    def generate(self, lora, frozen, prompts: Sequence[np.ndarray]) -> list[list[int]]:
+        """Greedy continuations (token ids, eos stripped) of tokenized prompts."""
+        new = self.max_new_tokens
+        gen = self._gen.setdefault(new, make_greedy(self.model, self.lora_cfg, new, self.tokenizer.eos_token_id))
+        out: list[list[int]] = []
+        pad = self.tokenizer.pad_token_id
+        for s in range(0, len(prompts), self.batch_size):
+            chunk = list(prompts[s:s + self.batch_size])
+            chunk += [chunk[-1]] * (self.batch_size - len(chunk))
+            width = bucket_for(max(len(p) for p in chunk), buckets(self.max_length)) + new
+            buf = np.full((len(chunk), width), pad, np.int32)
+            for i, p in enumerate(chunk):
+                buf[i, :len(p)] = p
+            lens = np.asarray([len(p) for p in chunk], np.int32)
+            res, res_len = jax.device_get(gen(frozen, lora, buf, lens))
+            for i in range(min(self.batch_size, len(prompts) - s)):
+                toks = res[i, lens[i]:res_len[i]].tolist()
+                eos = self.tokenizer.eos_token_id
+                out.append(toks[: toks.index(eos)] if eos in toks else toks)
+        return out
+
+    def rouge(self, lora, frozen, n: int = 32) -> dict[str, Any]:
+        """ROUGE of greedy generations on the first ``n`` eval examples (plus a few samples)."""
+        chosen = self.examples[:n]
+        prompts = [e.ids[:max(e.prompt_len, 1)] for e in chosen]
+        preds = [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in self.generate(lora, frozen, prompts)]
+        refs = [e.target.strip() for e in chosen]
+        result: dict[str, Any] = rouge(preds, refs)
+        result["n"] = len(chosen)
+        result["samples"] = [{"prompt": e.prompt, "reference": r, "generated": p} for e, r, p in zip(chosen[:3], refs, preds)]
+        return result
+
+    def evaluate(self, lora, frozen, rouge_n: int = 32) -> dict[str, Any]:
+        out = self.loss(lora, frozen)
+        if rouge_n:
+            out.update(self.rouge(lora, frozen, rouge_n))
+        return out
