@@ -103,3 +103,14 @@ def _register_defaults() -> None:
 
 
 _register_defaults()
+
+
+def _register_ports() -> None:
+    """Faithful ports win over transformers' Flax classes (llama, mistral, qwen2)."""
+    from flax_lora.models import llama
+
+    for t in llama.MODEL_TYPES:
+        REGISTRY[t] = llama.load_causal_lm
+
+
+_register_ports()
