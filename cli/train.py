@@ -37,9 +37,7 @@ def _default_advice(model: str | None, data: str | None, quiet: bool):
         else:
             adv = advise(data=data, vram_gb=_vram_gb(), model=model)
     except Exception as exc:  # advice is a convenience here: fall back to the guide's defaults
-        if not quiet:
-            click.echo(f"lora: advisor unavailable for this data ({exc}); using the guide's defaults", err=True)
-        return None, None
+        return None, f"advisor unavailable for this data ({str(exc).splitlines()[0][:200]}); using the guide's defaults"
     return adv, adv.to_json()
 
 
@@ -75,15 +73,18 @@ def train(advice_file, model, data, eval_data, output, max_steps, epochs, batch_
     """Train a LoRA adapter: flags override the advice; no --model/--data trains the built-in demo."""
     from flax_lora.trainer import config_from_advice, train as run_train
 
+    note = None
     if advice_file:
         advice, advice_json = _load_advice(advice_file)
     else:
         advice, advice_json = _default_advice(model, data, quiet)
+        if advice is None:
+            note, advice_json = advice_json, None
     overrides = dict(eval_data=eval_data, max_steps=max_steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
                      max_length=max_length, learning_rate=learning_rate, save_every=save_every, eval_every=eval_every,
                      seed=seed, precision=precision, input_field=input_field, target_field=target_field)
     cfg = config_from_advice(advice, model=model, data=data, output=output, overrides=overrides)
-    result = run_train(cfg, resume=resume, advice_json=advice_json, quiet=quiet)
+    result = run_train(cfg, resume=resume, advice_json=advice_json, quiet=quiet, note=note)
     if quiet:
         click.echo(json.dumps({"output": cfg.output, "eval_loss": result["after"]["loss"],
                                "rougeL": result["after"].get("rougeL")}))

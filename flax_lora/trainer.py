@@ -84,8 +84,7 @@ def build(cfg: RunConfig, rd: RunDir, *, with_train: bool = True) -> Setup:
     eval_src = cfg.resolved.get("eval_data_path", cfg.eval_data)
 
     dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[cfg.precision]
-    tokenizer = load_tokenizer(model_src)
-    rows = D.load_rows(data_src)
+    rows = D.load_rows(data_src)  # data errors first: they are cheap to find
     fmt = D.detect_format(list(rows[0].keys()), cfg.input_field, cfg.target_field)
     if eval_src:
         eval_rows = D.load_rows(eval_src)
@@ -93,6 +92,7 @@ def build(cfg: RunConfig, rd: RunDir, *, with_train: bool = True) -> Setup:
         train_rows = rows
     else:
         train_rows, eval_rows = D.split_eval(rows, seed=cfg.seed)
+    tokenizer = load_tokenizer(model_src)
     model = load_model(model_src, dtype=dtype)
     to_ex = lambda rs: D.tokenize([D.to_text(r, fmt, tokenizer) for r in rs], tokenizer, cfg.max_length)
     train_ex = to_ex(train_rows) if with_train else []
@@ -107,7 +107,8 @@ def build(cfg: RunConfig, rd: RunDir, *, with_train: bool = True) -> Setup:
     return Setup(cfg, model, tokenizer, train_ex, eval_ex, linears, targets, lora_cfg)
 
 
-def train(cfg: RunConfig, *, resume: bool = False, advice_json: str | None = None, quiet: bool = False) -> dict[str, Any]:
+def train(cfg: RunConfig, *, resume: bool = False, advice_json: str | None = None, quiet: bool = False,
+          note: str | None = None) -> dict[str, Any]:
     """Run (or resume) training into ``cfg.output``; returns eval.json's content."""
     import jax
     import numpy as np
@@ -131,6 +132,8 @@ def train(cfg: RunConfig, *, resume: bool = False, advice_json: str | None = Non
             "reverse and spell digits, fully offline)")
     t_start = time.time()
     s = build(cfg, rd)
+    if note:  # said only once the inputs are known good (a bad input's error stays one line)
+        say(f"lora: {note}")
     batches = Batches(s.train_examples, cfg.batch_size, cfg.grad_accum, cfg.seed, cfg.max_length, s.tokenizer.pad_token_id)
     cfg.total_steps = cfg.max_steps or cfg.epochs * batches.steps_per_epoch
     cfg.resolved["steps_per_epoch"] = batches.steps_per_epoch
@@ -170,7 +173,7 @@ def train(cfg: RunConfig, *, resume: bool = False, advice_json: str | None = Non
     pending: list[tuple[int, float, dict]] = []
     window_tokens, window_t0 = 0, time.time()
     eval_loss = None
-    steady_tokens, steady_time = 0, 0.0
+    steady_tokens, steady_time, compile_s = 0, 0.0, 0.0
     it = batches.iterate(pos)
     step = start
     while step < cfg.total_steps:
@@ -180,22 +183,22 @@ def train(cfg: RunConfig, *, resume: bool = False, advice_json: str | None = Non
         window_tokens += int(batch["attention_mask"].sum())
         pending.append((step, pos.epoch + pos.batch / batches.steps_per_epoch, metrics))
         last = step == cfg.total_steps
-        if step % cfg.log_every == 0 or last or step == start + 1:
+        if step == start + 1 and not last:  # compile time stays out of tokens/s
+            jax.block_until_ready(metrics)
+            compile_s, window_tokens, window_t0 = time.time() - window_t0, 0, time.time()
+        if step % cfg.log_every == 0 or last:
             fetched = jax.device_get([m for _, _, m in pending])  # the loop's only regular sync
             dt = time.time() - window_t0
             tok_s = window_tokens / max(dt, 1e-9)
-            if step > start + 1:
-                steady_tokens, steady_time = steady_tokens + window_tokens, steady_time + dt
+            steady_tokens, steady_time = steady_tokens + window_tokens, steady_time + dt
             n = sum(float(m["tokens"]) for m in fetched)
             loss = sum(float(m["loss"]) * float(m["tokens"]) for m in fetched) / max(n, 1.0)
             m = fetched[-1]
             row = {"step": step, "epoch": round(pending[-1][1], 4), "loss": loss, "learning_rate": float(m["learning_rate"]),
                    "grad_norm": float(m["grad_norm"]), "tokens_per_second": round(tok_s, 1)}
+            rd.log(row)
             if not math.isfinite(loss):
-                rd.log(row)
                 raise UserError(f"loss became {loss} at step {step}; lower the learning rate (e.g. halve it) and --resume")
-            if step % cfg.log_every == 0 or last:
-                rd.log(row)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
             bar.update(step - bar.n)
             pending, window_tokens, window_t0 = [], 0, time.time()
@@ -223,6 +226,7 @@ def train(cfg: RunConfig, *, resume: bool = False, advice_json: str | None = Non
         "before": before,
         "after": after,
         "train_tokens_per_second": round(steady_tokens / steady_time, 1) if steady_time else None,
+        "first_step_seconds": round(compile_s, 1),
         "wall_seconds": round(time.time() - t_start, 1),
     }
     atomic_write_json(rd.eval, result)

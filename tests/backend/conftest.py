@@ -46,3 +46,24 @@ def copy_batch(n: int, half: int = 8, seed: int = 0):
     loss_mask = np.zeros_like(ids)
     loss_mask[:, half:] = 1
     return {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": loss_mask}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _fast_backend(tmp_path_factory):
+    """No Hub retries offline; compiled executables shared across the runs of a session."""
+    import os
+
+    import jax
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+@pytest.fixture(scope="session")
+def demo_assets(tmp_path_factory):
+    """The demo's model folder and data files (written once)."""
+    from flax_lora.demo import materialize
+
+    return materialize(tmp_path_factory.mktemp("demo"))
