@@ -221,6 +221,8 @@ def load_run(run_dir: str | Path) -> Run:
     if final_eval is not None and not isinstance(final_eval, dict):
         raise UserError(f"{run_dir / 'eval.json'}: expected a JSON object")
     final_eval = final_eval or {}
+    if isinstance(final_eval.get("after"), dict):  # lora train writes {"before": {...}, "after": {...}}
+        final_eval = final_eval["after"]
     if final_eval and not rouge:
         value = _rouge_of(final_eval)
         if value is not None:
