@@ -10,12 +10,14 @@ marks them; prompt and padding are 0). Gradient accumulation runs *inside* the s
 summed loss is divided by the target-token count of the whole ``[k, b, T]`` batch, so ``k``
 accumulated micro-batches give the same update as one ``k``-times larger batch.
 
-Why scan and not ``optax.MultiSteps``: measured on the 2-core CPU box (GPT-2 shape, d=128,
-4 layers, r=8, b=4, T=64, k=4; ``python -m flax_lora.bench_accum``), one optimizer update with the
-scan took 40 ms against 55 ms for four MultiSteps micro-steps: the scan is one dispatch and
-one executable (no per-micro-batch host round trip, the Adam update runs once instead of being
-masked out k-1 times, buffers donated once), and it normalises by the true token count of the
-whole batch, which MultiSteps (a mean of per-micro-batch means) cannot do.
+Why scan and not ``optax.MultiSteps``: speed is a tie on the 2-core CPU box (GPT-2 shape
+d=128, 4 layers, r=8 attention, k=4 micro-batches of 4x64; ``tests/backend/bench_accum.py``): two
+runs gave 145 vs 137 ms and 88 vs 92 ms per update (scan vs MultiSteps, noisy shared machine).
+The scan wins on what is not noise: one dispatch and one executable per update (no per-micro-
+batch host round trip, which costs more on a GPU than on CPU), the AdamW update runs once
+instead of k masked times, state is donated once, and the loss is normalised by the true
+target-token count of the whole batch, which MultiSteps (a mean of per-micro-batch means)
+cannot do without a second pass.
 """
 
 from __future__ import annotations
