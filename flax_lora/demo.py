@@ -22,11 +22,11 @@ N_TRAIN, N_EVAL = 2000, 64
 # random-init and tiny). Explicit CLI flags still win over these.
 OVERRIDES = {
     "max_length": 16,
-    "max_steps": 400,
+    "max_steps": 600,
     "learning_rate": 1e-3,
     "log_every": 20,
     "eval_every": 100,
-    "save_every": 200,
+    "save_every": 300,
     "rouge_examples": 64,
     "max_new_tokens": 8,
 }
