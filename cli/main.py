@@ -94,7 +94,19 @@ def cli() -> None:
 
 
 def main() -> None:
-    cli(prog_name="lora")
+    """Console entry point: every click error becomes one ``error:`` line (exit 2 for usage)."""
+    try:
+        code = cli.main(prog_name="lora", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(1)
+    except click.ClickException as exc:
+        message = exc.format_message()
+        if isinstance(exc, click.UsageError) and exc.ctx is not None:
+            message += f" (see '{exc.ctx.command_path} --help')"
+        click.echo(f"error: {message}", err=True)
+        sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":
