@@ -90,6 +90,13 @@ class Evaluator:
             chunk = list(prompts[s:s + self.batch_size])
             chunk += [chunk[-1]] * (self.batch_size - len(chunk))
             width = bucket_for(max(len(p) for p in chunk), buckets(self.max_length)) + new
+            cap = self.model.max_positions
+            if cap and width > cap:  # the buffer (prompt + new tokens) must fit the position table
+                if max(len(p) for p in chunk) >= cap:
+                    from flax_lora.errors import UserError
+
+                    raise UserError(f"prompt of {max(len(p) for p in chunk)} tokens leaves no room in the model's {cap} positions")
+                width = cap
             buf = np.full((len(chunk), width), pad, np.int32)
             for i, p in enumerate(chunk):
                 buf[i, :len(p)] = p

@@ -75,6 +75,14 @@ class CausalLM:
         return discover_linears(lambda p: self.logits({"params": p}, ids, jnp.ones_like(ids)), self.params)
 
     @property
+    def max_positions(self) -> int | None:
+        """Longest sequence the position embeddings allow (None: no limit known)."""
+        for name in ("n_positions", "max_position_embeddings"):
+            if getattr(self.config, name, None):
+                return int(getattr(self.config, name))
+        return None
+
+    @property
     def eos_token_id(self) -> int | None:
         eos = getattr(self.config, "eos_token_id", None)
         return eos[0] if isinstance(eos, (list, tuple)) else eos
