@@ -96,11 +96,10 @@ def make_loss_fn(model, lora_cfg: LoraConfig):
     """``loss(lora, frozen, batch, key, deterministic) -> (nll_sum, n_tokens)`` for one [b, T] batch."""
 
     def loss(lora, frozen, batch, key, deterministic: bool):
+        from flax_lora.losses import model_token_nll  # fused chunked vocab loss where the model allows it
+
         with lora_active(lora_cfg.scaling, lora_cfg.dropout, deterministic):
-            logits = model.logits(
-                {"params": frozen, "lora": lora}, batch["input_ids"], batch["attention_mask"], rngs={DROPOUT_RNG: key}
-            )
-        return token_nll(logits, batch["input_ids"], batch["loss_mask"])
+            return model_token_nll(model, {"params": frozen, "lora": lora}, batch, rngs={DROPOUT_RNG: key})
 
     return loss
 

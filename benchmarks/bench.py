@@ -1,0 +1,350 @@
+"""LoRA training throughput of the real train step, side by side with PyTorch + PEFT.
+
+    python benchmarks/bench.py --preset smollm2-135m --batch 4 --seq 128 --precision fp32,bf16 --torch
+
+Per precision it reports steady-state tokens/s of ``flax_lora.train.make_train_step`` (the step
+``lora train`` runs) on the project's Flax Llama port, the time to the first step (trace +
+compile + run), XLA compiles after the first step (must be 0), peak memory (device stats on
+GPU; XLA's compiled memory analysis and the process RSS on CPU), MFU on GPUs of known peak,
+the advisor's memory estimate, and, with ``--torch``, the PyTorch + PEFT baseline
+(``benchmarks/torch_baseline.py``, run in a subprocess first so neither framework holds the
+other's memory or threads) and the ratio. ``--json OUT`` writes everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+PRESETS = {
+    "smollm2-135m": dict(hidden=576, n_layers=30, n_heads=9, n_kv_heads=3, intermediate=1536, vocab=49152,
+                         head_dim=64, tied_embeddings=True, rope_theta=100000.0),
+    "llama-1b": dict(hidden=2048, n_layers=16, n_heads=32, n_kv_heads=8, intermediate=8192, vocab=128256,
+                     head_dim=64, tied_embeddings=True, rope_theta=500000.0),
+    "tiny": dict(hidden=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate=128, vocab=512,
+                 head_dim=16, tied_embeddings=True, rope_theta=10000.0),
+}
+
+
+def shape_from_args(args) -> dict:
+    shape = dict(PRESETS[args.preset])
+    for key in ("hidden", "n_layers", "n_heads", "n_kv_heads", "intermediate", "vocab", "head_dim"):
+        if getattr(args, key) is not None:
+            shape[key] = getattr(args, key)
+    if args.hidden is not None and args.head_dim is None:
+        shape["head_dim"] = shape["hidden"] // shape["n_heads"]
+    if args.untied:
+        shape["tied_embeddings"] = False
+    return shape
+
+
+def llama_config(shape: dict, seq: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
+        num_hidden_layers=shape["n_layers"], num_attention_heads=shape["n_heads"],
+        num_key_value_heads=shape["n_kv_heads"], head_dim=shape["head_dim"],
+        max_position_embeddings=max(seq, 2048), tie_word_embeddings=shape["tied_embeddings"],
+        rope_theta=shape["rope_theta"], initializer_range=0.02,
+    )
+
+
+class CompileCounter:
+    """Counts XLA backend compilations (jax.monitoring's backend-compile event)."""
+
+    def __init__(self):
+        import jax.monitoring
+        from jax._src import dispatch
+
+        self.count = 0
+        self.seconds = 0.0
+        event = dispatch.BACKEND_COMPILE_EVENT
+
+        def listener(name, secs, **_):
+            if name == event:
+                self.count += 1
+                self.seconds += secs
+
+        jax.monitoring.register_event_duration_secs_listener(listener)
+
+
+def advisor_estimate_gb(shape: dict, *, r, targets, batch, seq, precision, quantization, remat) -> float | None:
+    """The advisor's memory estimate (GiB) for this shape and setup; None if it fails."""
+    try:
+        from advisor.memory import GIB, Setup, breakdown
+        from advisor.schema import ModelShape
+
+        ms = ModelShape(
+            name="bench", source="config", model_type="llama", max_positions=max(seq, 2048), hidden=shape["hidden"], n_layers=shape["n_layers"],
+            n_heads=shape["n_heads"], n_kv_heads=shape["n_kv_heads"], head_dim=shape["head_dim"],
+            intermediate=shape["intermediate"], vocab=shape["vocab"], tied_embeddings=shape["tied_embeddings"],
+            params=llama_params(shape),
+        )
+        setup = Setup(r=r, targets=tuple(targets), batch=batch, max_length=seq, precision=precision,
+                      quantization=quantization, **({"remat": remat} if "remat" in Setup._fields else {}))
+        return sum(breakdown(ms, setup).values()) / GIB
+    except Exception as exc:  # the advisor is optional here
+        print(f"  (advisor estimate unavailable: {type(exc).__name__}: {exc})", file=sys.stderr)
+        return None
+
+
+def llama_params(shape: dict) -> int:
+    h, L, v, m = shape["hidden"], shape["n_layers"], shape["vocab"], shape["intermediate"]
+    q, kv = shape["n_heads"] * shape["head_dim"], shape["n_kv_heads"] * shape["head_dim"]
+    layer = h * q + 2 * h * kv + q * h + 3 * h * m + 2 * h
+    return L * layer + v * h * (1 if shape["tied_embeddings"] else 2) + h
+
+
+def run_jax(shape: dict, *, batch, seq, accum, r, alpha, targets, precision, scan, remat, quantization,
+            steps, warmup, memory_analysis, seed=0) -> dict:
+    """Measure the real train step; returns a result dict."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from flax_lora import perf
+    from flax_lora.lora import LoraConfig, count_params, init_lora
+    from flax_lora.models import CausalLM
+    from flax_lora.models.llama import load_llama, param_shapes, stack_layers
+    from flax_lora.targets import resolve_targets
+    from flax_lora.train import OptimConfig, init_state, make_optimizer, make_schedule, make_train_step
+
+    dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[precision]
+    config = llama_config(shape, seq)
+    t0 = time.perf_counter()
+    module, params, _ = load_llama(config, dtype, dtype, scan=scan, remat=remat, seed=seed)
+    flat = CausalLM(module.clone(scan=False, remat=False), None, config, "llama", "bench", dtype)
+    linears = flat_linears(flat, param_shapes(flat.module))
+    chosen = resolve_targets(linears, "llama", modules=list(targets))
+    lora = init_lora(chosen, r, jax.random.PRNGKey(seed + 1))
+    if scan:
+        lora = stack_layers(lora, config.num_hidden_layers)
+    if quantization == "int8":
+        from flax_lora.quant import quantize_params
+
+        params = quantize_params(params, dtype)
+    model = CausalLM(module, params, config, "llama", "bench", dtype)
+    jax.block_until_ready(params)
+    init_seconds = time.perf_counter() - t0
+
+    lcfg = LoraConfig(r=r, alpha=alpha)
+    ocfg = OptimConfig(2e-4, total_steps=10_000, max_grad_norm=1.0)
+    opt = make_optimizer(ocfg)
+    if quantization == "int8":
+        from flax_lora.quant import make_quantized_train_step
+
+        step = make_quantized_train_step(model, lcfg, opt, make_schedule(ocfg))
+    else:
+        step = make_train_step(model, lcfg, opt, make_schedule(ocfg))
+    state = init_state(lora, opt, seed)
+
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, shape["vocab"], (accum, batch, seq), dtype=np.int32)
+    host_batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones_like(ids)}
+    dev_batch = jax.device_put(host_batch)
+
+    counter = CompileCounter()
+    t0 = time.perf_counter()
+    state, metrics = step(state, params, dev_batch)
+    first_loss = float(metrics["loss"])
+    first_step_seconds = time.perf_counter() - t0
+    compiles_first = counter.count
+    for _ in range(warmup):
+        state, metrics = step(state, params, jax.device_put(host_batch))
+    jax.block_until_ready(metrics)
+    times = []
+    t_all = time.perf_counter()
+    for _ in range(steps):  # like the run loop: no host sync between steps
+        t0 = time.perf_counter()
+        state, metrics = step(state, params, jax.device_put(host_batch))
+        times.append(time.perf_counter() - t0)
+    jax.block_until_ready(metrics)
+    elapsed = time.perf_counter() - t_all
+    tokens_per_step = accum * batch * seq
+    analysis = {}
+    if memory_analysis:
+        try:
+            ma = step.lower(state, params, dev_batch).compile().memory_analysis()
+            analysis = {
+                "temp_gb": ma.temp_size_in_bytes / 2**30,
+                "argument_gb": ma.argument_size_in_bytes / 2**30,
+                "output_gb": ma.output_size_in_bytes / 2**30,
+                "alias_gb": ma.alias_size_in_bytes / 2**30,
+                "generated_code_gb": ma.generated_code_size_in_bytes / 2**30,
+            }
+            # donated state aliases the output: peak live = arguments + temporaries + non-aliased outputs
+            analysis["xla_peak_gb"] = analysis["argument_gb"] + analysis["temp_gb"] + analysis["output_gb"] - analysis["alias_gb"]
+        except Exception as exc:
+            analysis = {"error": f"{type(exc).__name__}: {exc}"}
+
+    tps = tokens_per_step * steps / elapsed
+
+    dev = jax.devices()[0]
+    mm = perf.matmul_params(params) + (shape["vocab"] * shape["hidden"] if shape["tied_embeddings"] else 0)
+    fpt = perf.lora_flops_per_token(matmul_params=mm, lora_params=count_params(lora), n_layers=shape["n_layers"],
+                                    seq_len=seq, attn_dim=shape["n_heads"] * shape["head_dim"])
+    return {
+        "impl": "flax_lora", "device": dev.device_kind, "platform": dev.platform, "precision": precision,
+        "scan": scan, "remat": remat, "quantization": quantization,
+        "tokens_per_second": tps, "step_seconds": elapsed / steps,
+        "first_step_seconds": first_step_seconds, "init_seconds": init_seconds,
+        "compiles_first_step": compiles_first, "recompiles_after_first_step": counter.count - compiles_first,
+        "first_loss": first_loss, "loss": float(metrics["loss"]),
+        "peak_memory_gb": perf.peak_memory_gb(), "max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        **analysis,
+        "flops_per_token": fpt, "mfu": perf.mfu(tps, fpt, dev.device_kind),
+        "lora_params": count_params(lora), "jax": jax.__version__,
+    }
+
+
+def flat_linears(model, shapes):
+    from flax_lora.lora import discover_linears
+    import jax.numpy as jnp
+
+    ids = jnp.zeros((1, 8), jnp.int32)
+    return discover_linears(lambda p: model.logits({"params": p}, ids, jnp.ones_like(ids)), shapes)
+
+
+def run_torch_subprocess(shape, *, batch, seq, r, alpha, targets, precision, steps, warmup, timeout) -> dict:
+    """The PyTorch + PEFT baseline in a fresh interpreter (own threads and device memory)."""
+    code = (
+        "import json,sys; sys.path.insert(0, %r); from torch_baseline import run_torch; "
+        "print('RESULT ' + json.dumps(run_torch(**json.loads(sys.argv[1]))))" % str(HERE)
+    )
+    kwargs = dict(shape=shape, batch=batch, seq=seq, r=r, alpha=alpha, targets=list(targets), precision=precision,
+                  steps=steps, warmup=warmup)
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"impl": "torch+peft", "precision": precision, "error": f"timeout after {timeout}s"}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    return {"impl": "torch+peft", "precision": precision, "error": (proc.stderr or proc.stdout)[-2000:]}
+
+
+def torch_available() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("torch", "peft"))
+
+
+def machine() -> dict:
+    info = {"host": platform.node(), "machine": platform.machine(), "cpus": os.cpu_count(),
+            "python": platform.python_version(), "date": datetime.datetime.now().isoformat(timespec="seconds")}
+    try:
+        info["load_avg"] = os.getloadavg()
+    except OSError:
+        pass
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return info
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="smollm2-135m", choices=sorted(PRESETS))
+    for key in ("hidden", "n_layers", "n_heads", "n_kv_heads", "intermediate", "vocab", "head_dim"):
+        p.add_argument("--" + key.replace("_", "-"), dest=key, type=int)
+    p.add_argument("--untied", action="store_true", help="separate lm_head (default: the preset's)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--r", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
+    p.add_argument("--precision", default="fp32,bf16", help="comma-separated: fp32, bf16")
+    p.add_argument("--scan", action=argparse.BooleanOptionalAction, default=True, help="scan over layers")
+    p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--quantization", default="none", choices=["none", "int8"])
+    p.add_argument("--steps", type=int, default=5, help="timed steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps after the first")
+    p.add_argument("--torch", action="store_true", help="also run PyTorch + PEFT (needs torch, peft)")
+    p.add_argument("--torch-only", action="store_true")
+    p.add_argument("--torch-timeout", type=int, default=900)
+    p.add_argument("--memory-analysis", action="store_true", help="XLA compiled memory analysis (extra compile)")
+    p.add_argument("--json", dest="json_out")
+    args = p.parse_args(argv)
+
+    shape = shape_from_args(args)
+    targets = [t for t in args.targets.split(",") if t]
+    precisions = [x for x in args.precision.split(",") if x]
+    result = {"machine": machine(), "shape": shape, "settings": {k: v for k, v in vars(args).items() if k != "json_out"},
+              "ours": {}, "torch": {}, "ratio": {}}
+
+    def dump():
+        if args.json_out:
+            Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json_out).write_text(json.dumps(result, indent=2, default=str))
+
+    if args.torch or args.torch_only:
+        if not torch_available():
+            print("torch/peft not importable: skipping the PyTorch + PEFT baseline", file=sys.stderr)
+        else:
+            for prec in precisions:
+                res = run_torch_subprocess(shape, batch=args.batch * args.accum, seq=args.seq, r=args.r,
+                                           alpha=args.alpha, targets=targets, precision=prec,
+                                           steps=args.steps, warmup=args.warmup, timeout=args.torch_timeout)
+                result["torch"][prec] = res
+                print(f"torch+peft {prec}: " + (f"{res['tokens_per_second']:.1f} tok/s" if "error" not in res
+                                                else "ERROR " + res["error"][-300:]), flush=True)
+                dump()
+    if not args.torch_only:
+        for prec in precisions:
+            try:
+                res = run_jax(shape, batch=args.batch, seq=args.seq, accum=args.accum, r=args.r, alpha=args.alpha,
+                              targets=targets, precision=prec, scan=args.scan, remat=args.remat,
+                              quantization=args.quantization, steps=args.steps, warmup=args.warmup,
+                              memory_analysis=args.memory_analysis)
+            except Exception as exc:
+                import traceback
+
+                traceback.print_exc()
+                res = {"impl": "flax_lora", "precision": prec, "error": f"{type(exc).__name__}: {exc}"}
+            if "error" not in res:
+                res["advisor_estimate_gb"] = advisor_estimate_gb(
+                    shape, r=args.r, targets=targets, batch=args.batch, seq=args.seq, precision=prec,
+                    quantization=args.quantization, remat=args.remat)
+            result["ours"][prec] = res
+            if "error" in res:
+                print(f"flax_lora {prec}: ERROR {res['error']}", flush=True)
+            else:
+                mfu = f", MFU {res['mfu']:.1%}" if res.get("mfu") else ""
+                mem = res.get("peak_memory_gb") or res.get("xla_peak_gb")
+                print(f"flax_lora {prec}: {res['tokens_per_second']:.1f} tok/s ({res['step_seconds']*1e3:.0f} ms/step), "
+                      f"first step {res['first_step_seconds']:.1f} s, recompiles {res['recompiles_after_first_step']}"
+                      + (f", peak {mem:.2f} GiB" if mem else "") + mfu, flush=True)
+            dump()
+    for prec in precisions:
+        o, t = result["ours"].get(prec, {}), result["torch"].get(prec, {})
+        if "tokens_per_second" in o and "tokens_per_second" in t:
+            result["ratio"][prec] = o["tokens_per_second"] / t["tokens_per_second"]
+            print(f"ratio ours/torch {prec}: {result['ratio'][prec]:.2f}x")
+    best_o = max((o["tokens_per_second"] for o in result["ours"].values() if "tokens_per_second" in o), default=None)
+    best_t = max((t["tokens_per_second"] for t in result["torch"].values() if "tokens_per_second" in t), default=None)
+    if best_o and best_t:
+        result["ratio"]["best_vs_best"] = best_o / best_t
+        print(f"ratio ours (best precision) / torch (best precision): {best_o / best_t:.2f}x")
+    dump()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
