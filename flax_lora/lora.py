@@ -143,7 +143,12 @@ def make_interceptor(scaling: float, dropout: float = 0.0, deterministic: bool =
 
     def intercept(next_fun, args, kwargs, context):
         module = context.module
-        y = next_fun(*args, **kwargs)
+        if context.method_name == "__call__" and module.has_variable("params", "kernel_scale"):
+            from flax_lora.quant import quantized_call  # int8 frozen kernel (flax_lora.quant)
+
+            y = quantized_call(module, args[0])
+        else:
+            y = next_fun(*args, **kwargs)
         if context.method_name != "__call__" or not module.has_variable(LORA, "a"):
             return y
         x = args[0]

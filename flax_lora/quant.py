@@ -1,0 +1,97 @@
+"""int8 weight-only quantization of the frozen linear weights (the guide's ``load_in_8bit``).
+
+:func:`quantize_params` is a params transform: every linear ``kernel`` (flax ``nn.Dense``
+[..., in, out], GPT-2 ``FlaxConv1D`` [out, in]; stacked scan layers included) except the
+output head becomes int8 with a float32 absmax scale per output channel stored beside it as
+``kernel_scale``. Embeddings, norms, biases and ``lm_head`` stay in the compute dtype.
+
+The matmul is ``(x @ int8_kernel.astype(dtype)) * scale``: the int8 -> compute-dtype convert is
+exact (|q| <= 127) and fuses into the dot, the per-output-channel scale is applied to the output.
+:func:`quantized_call` computes it; the LoRA interceptor (``flax_lora.lora``) routes any linear
+that owns a ``kernel_scale`` through it, so the train step, evaluation and generation run on
+quantized weights unchanged; :func:`quant_active` does the same without an adapter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.traverse_util import flatten_dict, unflatten_dict
+from jax import lax
+
+SCALE = "kernel_scale"
+SKIP = ("lm_head",)  # the output projection stays in the compute dtype (as load_in_8bit)
+
+
+def quantize_kernel(kernel: jax.Array, out_axis: int) -> tuple[jax.Array, jax.Array]:
+    """(int8 values, float32 scale per output channel): symmetric absmax over the input axis."""
+    k = kernel.astype(jnp.float32)
+    in_axis = -2 if out_axis == -1 else -1
+    amax = jnp.max(jnp.abs(k), axis=in_axis, keepdims=True)
+    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+    q = jnp.clip(jnp.round(k / scale), -127, 127).astype(jnp.int8)
+    return q, jnp.squeeze(scale, in_axis)
+
+
+def quantize_params(params: Mapping, conv1d_paths: Iterable[str] = (), skip: Iterable[str] = SKIP) -> dict:
+    """``params`` with linear kernels in int8 plus ``kernel_scale`` (see module docstring).
+
+    ``conv1d_paths``: module paths whose kernel is [out, in] (GPT-2's Conv1D).
+    """
+    conv1d = {tuple(p.split("/")) for p in conv1d_paths}
+    skip = tuple(skip)
+    out = {}
+    for key, x in flatten_dict(dict(params)).items():
+        mod = key[:-1]
+        if key[-1] == "kernel" and x.ndim >= 2 and not any(s in mod for s in skip):
+            q, s = quantize_kernel(x, out_axis=-2 if mod in conv1d else -1)
+            out[key] = q
+            out[mod + (SCALE,)] = s
+        else:
+            out[key] = x
+    return unflatten_dict(out)
+
+
+def is_quantized(module: nn.Module) -> bool:
+    return module.has_variable("params", SCALE)
+
+
+def quantized_call(module: nn.Module, x: jax.Array) -> jax.Array:
+    """A quantized ``nn.Dense`` / ``FlaxConv1D`` forward: (x @ dequant(q)) * scale + bias."""
+    q = module.get_variable("params", "kernel")
+    scale = module.get_variable("params", SCALE)
+    dtype = getattr(module, "dtype", None) or x.dtype
+    conv1d = type(module).__name__ == "FlaxConv1D"  # kernel [out, in]
+    x = x.astype(dtype)
+    dims = (((x.ndim - 1,), (1 if conv1d else 0,)), ((), ()))
+    y = lax.dot_general(x, q.astype(dtype), dims, preferred_element_type=jnp.float32)
+    y = (y * scale).astype(dtype)
+    if module.has_variable("params", "bias"):
+        y = y + module.get_variable("params", "bias").astype(dtype)
+    return y
+
+
+def make_interceptor():
+    """Routes quantized linears through :func:`quantized_call`; others run unchanged."""
+
+    def intercept(next_fun, args, kwargs, context):
+        if context.method_name == "__call__" and is_quantized(context.module):
+            return quantized_call(context.module, args[0])
+        return next_fun(*args, **kwargs)
+
+    return intercept
+
+
+@contextlib.contextmanager
+def quant_active():
+    """Context in which ``module.apply`` runs quantized params without an adapter."""
+    with nn.intercept_methods(make_interceptor()):
+        yield
+
+
+def nbytes(tree) -> int:
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree)))
