@@ -67,11 +67,47 @@ def _vram_gb() -> float:
 @click.option("--precision", type=click.Choice(["bf16", "fp32"]))
 @click.option("--input-field", type=str, help="Column holding the prompt.")
 @click.option("--target-field", type=str, help="Column holding the target.")
+@click.option("--adapter", type=str, help="Continue training this adapter (a lora adapter or PEFT directory).")
+@click.option("--on-bad-row", type=click.Choice(["skip", "fail"]),
+              help="skip (default): drop bad rows and report them, fail if more than 10% are bad; fail: any bad row fails.")
+@click.option("--on-divergence", type=click.Choice(["stop", "halve-lr"]),
+              help="On a NaN/inf loss or gradient: stop (default) keeping the last good checkpoint, or roll back "
+                   "to it and halve the learning rate (at most 3 times).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or messages (scripts).")
 def train(advice_file, model, data, eval_data, output, max_steps, epochs, batch_size, grad_accum, max_length,
-          learning_rate, save_every, eval_every, resume, seed, precision, input_field, target_field, quiet):
-    """Train a LoRA adapter: flags override the advice; no --model/--data trains the built-in demo."""
-    from flax_lora.trainer import config_from_advice, train as run_train
+          learning_rate, save_every, eval_every, resume, seed, precision, input_field, target_field, adapter,
+          on_bad_row, on_divergence, quiet):
+    """Train a LoRA adapter: flags override the advice; no --model/--data trains the built-in demo.
+
+    Ctrl-C / SIGTERM save a checkpoint and exit 130 / 143; `lora train --output DIR --resume`
+    continues (a resume may change the step budget, intervals and --learning-rate). A diverged
+    run (NaN/inf) stops with exit 2, keeping the last good checkpoint.
+    """
+    from flax_lora.errors import Interrupted
+    from flax_lora.run import RunDir
+    from flax_lora.trainer import config_for_resume, train as run_train
+
+    overrides = dict(eval_data=eval_data, max_steps=max_steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
+                     max_length=max_length, learning_rate=learning_rate, save_every=save_every, eval_every=eval_every,
+                     seed=seed, precision=precision, input_field=input_field, target_field=target_field,
+                     adapter=adapter, on_bad_row=on_bad_row, on_divergence=on_divergence)
+    note = None
+    if resume and model is None and data is None and not advice_file and RunDir(output).exists():
+        cfg, advice_json = config_for_resume(output, overrides), None  # the run folder is enough to resume
+    else:
+        cfg, advice_json, note = _fresh_config(advice_file, model, data, output, overrides, quiet)
+    try:
+        result = run_train(cfg, resume=resume, advice_json=advice_json, quiet=quiet, note=note)
+    except Interrupted as exc:
+        click.echo(str(exc), err=True)
+        raise click.exceptions.Exit(exc.exit_code) from None
+    if quiet:
+        click.echo(json.dumps({"output": cfg.output, "eval_loss": result["after"]["loss"],
+                               "rougeL": result["after"].get("rougeL")}))
+
+
+def _fresh_config(advice_file, model, data, output, overrides, quiet):
+    from flax_lora.trainer import config_from_advice
 
     note = None
     if advice_file:
@@ -80,14 +116,7 @@ def train(advice_file, model, data, eval_data, output, max_steps, epochs, batch_
         advice, advice_json = _default_advice(model, data, quiet)
         if advice is None:
             note, advice_json = advice_json, None
-    overrides = dict(eval_data=eval_data, max_steps=max_steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
-                     max_length=max_length, learning_rate=learning_rate, save_every=save_every, eval_every=eval_every,
-                     seed=seed, precision=precision, input_field=input_field, target_field=target_field)
-    cfg = config_from_advice(advice, model=model, data=data, output=output, overrides=overrides)
-    result = run_train(cfg, resume=resume, advice_json=advice_json, quiet=quiet, note=note)
-    if quiet:
-        click.echo(json.dumps({"output": cfg.output, "eval_loss": result["after"]["loss"],
-                               "rougeL": result["after"].get("rougeL")}))
+    return config_from_advice(advice, model=model, data=data, output=output, overrides=overrides), advice_json, note
 
 
 @click.command("eval")
@@ -110,7 +139,7 @@ def eval_cmd(run_dir, data, rouge_examples):
 @click.command("generate")
 @click.argument("run_dir", required=False, type=str)
 @click.option("--model", type=str, help="Base model (Hub id or folder) when no RUN_DIR is given.")
-@click.option("--adapter", type=str, help="Adapter directory to apply to --model.")
+@click.option("--adapter", type=str, help="Adapter to apply to --model: a lora adapter or PEFT directory.")
 @click.option("--prompt", required=True, type=str)
 @click.option("--max-new-tokens", type=click.IntRange(min=1, max=1024), default=64, show_default=True)
 def generate(run_dir, model, adapter, prompt, max_new_tokens):
@@ -129,13 +158,15 @@ def generate(run_dir, model, adapter, prompt, max_new_tokens):
         s, lora = load_run(run_dir)
         m, tok, lora_cfg = s.model, s.tokenizer, s.lora_cfg
     else:
-        from flax_lora.adapter import load_adapter
+        from flax_lora.adapter import load_any_adapter, resolve_adapter_dir
         from flax_lora.models import load_model, load_tokenizer
 
+        if adapter:
+            resolve_adapter_dir(adapter)  # a wrong path fails before the model loads
         m, tok = load_model(model), load_tokenizer(model)
         lora, lora_cfg = {}, LoraConfig(1, 1.0)
         if adapter:
-            lora, lora_cfg, _, _ = load_adapter(adapter)
+            lora, lora_cfg = load_any_adapter(adapter, m.linears(), m.model_type)
     ids = np.asarray(tok(prompt, add_special_tokens=True)["input_ids"], np.int32)
     if ids.size == 0:
         raise UserError("--prompt tokenizes to nothing")

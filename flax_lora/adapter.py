@@ -85,3 +85,75 @@ def load_adapter(directory: str | Path) -> tuple[dict, LoraConfig, dict[str, Lin
     config = LoraConfig(r=meta["r"], alpha=meta["alpha"], dropout=meta["dropout"], use_rslora=meta["use_rslora"])
     linears = {p: LinearInfo(p, d["kind"], d["in"], d["out"]) for p, d in meta["linears"].items()}
     return lora, config, linears, meta
+
+
+def _kind_of(directory: Path) -> str:
+    from flax_lora.export import PEFT_CONFIG
+
+    if (directory / CONFIG).is_file():
+        return "native"
+    if (directory / PEFT_CONFIG).is_file():
+        return "peft"
+    if not directory.exists():
+        raise UserError(f"adapter {directory}: no such directory")
+    raise UserError(f"adapter {directory}: neither a lora adapter ({CONFIG}) nor a PEFT adapter ({PEFT_CONFIG})")
+
+
+def resolve_adapter_dir(path: str | Path) -> Path:
+    """An adapter directory: ``path`` itself (native or PEFT) or a run directory's ``adapter/``."""
+    path = Path(path).expanduser()
+    if not (path / CONFIG).is_file() and (path / "adapter" / CONFIG).is_file():
+        return path / "adapter"
+    _kind_of(path)
+    return path
+
+
+def adapter_settings(path: str | Path) -> dict[str, Any]:
+    """r, alpha, use_rslora of an adapter directory (native or PEFT), read from its JSON only."""
+    from flax_lora.export import PEFT_CONFIG
+
+    directory = resolve_adapter_dir(path)
+    native = _kind_of(directory) == "native"
+    cfg_path = directory / (CONFIG if native else PEFT_CONFIG)
+    try:
+        meta = json.loads(cfg_path.read_text())
+        return {"r": int(meta["r"]), "alpha": float(meta["alpha" if native else "lora_alpha"]),
+                "use_rslora": bool(meta.get("use_rslora", False))}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{cfg_path}: not a usable adapter config ({type(exc).__name__}: {exc})") from None
+
+
+def load_any_adapter(path: str | Path, linears: Mapping[str, LinearInfo], model_type: str | None = None
+                     ) -> tuple[dict, LoraConfig]:
+    """(lora tree, LoraConfig) of a native or PEFT adapter directory, checked against the model.
+
+    ``linears`` are the model's linear layers; a module the model lacks or a shape that does not
+    fit is a UserError naming the first mismatch.
+    """
+    directory = resolve_adapter_dir(path)
+    if _kind_of(directory) == "peft":
+        from flax_lora.export import load_peft_adapter
+
+        return load_peft_adapter(directory, linears)
+    try:
+        lora, config, _, meta = load_adapter(directory)
+    except (KeyError, TypeError, ValueError) as exc:  # safetensors / config fields
+        if isinstance(exc, UserError):
+            raise
+        raise UserError(f"adapter {directory}: unreadable ({type(exc).__name__}: {exc})") from None
+    if model_type and meta.get("model_type") and meta["model_type"] != model_type:
+        raise UserError(f"adapter {directory} was trained on a {meta['model_type']} model, this model is {model_type}")
+    flat = flatten_dict(lora)
+    for key in sorted(flat):
+        module, leaf = "/".join(key[:-1]), key[-1]
+        info = linears.get(module)
+        if info is None:
+            names = sorted({p.rsplit("/", 1)[-1] for p in linears})
+            raise UserError(f"adapter module {module} does not exist in this model (its linear layers are named: "
+                            f"{', '.join(names)}); was the adapter trained on another base model?")
+        want = {"a": (info.in_features, config.r), "b": (config.r, info.out_features)}.get(leaf)
+        if want is None or tuple(flat[key].shape) != want:
+            raise UserError(f"adapter tensor {module}/{leaf} has shape {tuple(flat[key].shape)}, this model needs "
+                            f"{want} ({info.in_features} -> {info.out_features}, r={config.r}); "
+                            "was it trained on another base model?")
+    return lora, config

@@ -1,6 +1,7 @@
 """Training data: load rows, recognise their fields, tokenize with a loss mask, batch in buckets.
 
-Rows come from ``datasets`` (local JSONL/JSON/CSV/Parquet or a Hub name). Each row becomes
+Rows come from local JSONL/JSON/CSV/Parquet files (read row by row by :mod:`flax_lora.rows`,
+bad rows counted and reported by line) or a Hub name (``datasets``). Each row becomes
 ``(prompt, target)`` text; the loss covers the target tokens only. Batches are padded to a
 few length buckets (powers of two up to ``max_length``) so the train step compiles a bounded
 number of times, and the order is a pure function of ``(seed, epoch)``: a checkpoint records
@@ -17,6 +18,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from flax_lora.errors import UserError
+from flax_lora.rows import RowReport, apply_policy, check_rows
 
 EXTENSIONS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -48,31 +50,72 @@ class Format:
         return f"{self.kind}({self.target_field or 'messages'})"
 
 
-def load_rows(source: str, split: str = "train") -> list[dict[str, Any]]:
-    """All rows of a local file (by extension) or a Hub dataset's ``split``."""
+def read_rows(source: str, split: str = "train") -> tuple[list[dict], list[int], RowReport]:
+    """(records, their line/row numbers, report of the unreadable ones) of a local file or a Hub split.
+
+    Local files are parsed row by row by :mod:`flax_lora.rows`, so one bad line is reported by
+    number instead of sinking the file; a file that is not what its extension says is a UserError.
+    """
+    from flax_lora.rows import read_records
+
+    path = Path(source).expanduser()
+    if path.exists() or path.suffix.lower() in EXTENSIONS or source.startswith((".", "/", "~")):
+        if not path.exists():
+            raise UserError(f"data file not found: {source}")
+        if path.is_file() and path.suffix.lower() not in EXTENSIONS:
+            raise UserError(f"data file {source}: unsupported extension (use {', '.join(EXTENSIONS)})")
+        return read_records(path)
     import datasets
 
     datasets.disable_progress_bars()
-    path = Path(source).expanduser()
-    if path.exists() or path.suffix.lower() in EXTENSIONS or source.startswith((".", "/", "~")):
-        if not path.is_file():
-            raise UserError(f"data file not found: {source}")
-        builder = EXTENSIONS.get(path.suffix.lower())
-        if builder is None:
-            raise UserError(f"data file {source}: unsupported extension (use {', '.join(EXTENSIONS)})")
-        try:
-            ds = datasets.load_dataset(builder, data_files=str(path), split="train")
-        except Exception as exc:  # malformed JSON/CSV/Parquet
-            raise UserError(f"data file {source}: cannot be read as {builder} ({type(exc).__name__}: {exc})") from None
-    else:
-        try:
-            ds = datasets.load_dataset(source, split=split)
-        except Exception as exc:
-            raise UserError(f"dataset {source!r}: not a local file and not loadable from the Hub ({type(exc).__name__})") from None
+    try:
+        ds = datasets.load_dataset(source, split=split)
+    except Exception as exc:
+        raise UserError(f"dataset {source!r}: not a local file and not loadable from the Hub ({type(exc).__name__})") from None
     rows = ds.to_list()
+    return rows, list(range(1, len(rows) + 1)), RowReport(source, "row", total=len(rows))
+
+
+def load_rows(source: str, split: str = "train") -> list[dict[str, Any]]:
+    """All parseable rows of a local file (by extension) or a Hub dataset's ``split``."""
+    rows, _, report = read_rows(source, split)
     if not rows:
-        raise UserError(f"data {source}: no rows")
+        apply_policy(report)
     return rows
+
+
+def columns_of(rows: Sequence[dict]) -> list[str]:
+    """Columns present in at least half of the rows (a few odd rows do not change the format)."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        for k in row:
+            counts[k] = counts.get(k, 0) + 1
+    return [k for k, n in counts.items() if 2 * n >= len(rows)]
+
+
+def load_checked(source: str, *, fmt: Format | None = None, input_field: str | None = None,
+                 target_field: str | None = None, policy: str = "skip") -> tuple[list[tuple[dict, int]], Format, RowReport]:
+    """Usable ``(row, line number)`` pairs of ``source``, its format, and the bad-row report.
+
+    Rows with missing, empty or wrongly typed fields (for the detected or given format) are
+    dropped and reported; ``policy`` (``--on-bad-row``) decides whether that is acceptable.
+    """
+    rows, numbers, report = read_rows(source)
+    if not rows:
+        apply_policy(report, policy)  # raises: no rows, or every row unreadable
+    if fmt is None:
+        fmt = detect_format(columns_of(rows), input_field, target_field)
+    rows, numbers = check_rows(rows, numbers, report, fmt.kind, fmt.input_field, fmt.target_field)
+    apply_policy(report, policy)
+    return list(zip(rows, numbers)), fmt, report
+
+
+def report_json(report: RowReport, policy: str, shown: int = 100) -> dict[str, Any]:
+    """A RowReport for ``data_report.json``: counts plus the first ``shown`` bad / truncated lines."""
+    return {"source": report.source, "unit": report.unit, "rows": report.total, "bad": len(report.bad),
+            "used": report.total - len(report.bad), "truncated": len(report.truncated), "on_bad_row": policy,
+            "bad_rows": [{report.unit: b.line, "reason": b.reason} for b in report.bad[:shown]],
+            "truncated_rows": report.truncated[:shown]}
 
 
 def detect_format(columns: Sequence[str], input_field: str | None = None, target_field: str | None = None) -> Format:
@@ -134,6 +177,7 @@ class Example:
     prompt_len: int
     prompt: str
     target: str
+    truncated: bool = False  # longer than max_length, cut
 
 
 def tokenize(pairs: Sequence[tuple[str, str]], tokenizer, max_length: int) -> list[Example]:
@@ -148,13 +192,14 @@ def tokenize(pairs: Sequence[tuple[str, str]], tokenizer, max_length: int) -> li
     for prompt, target in pairs:
         p = bos + (tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else [])
         t = tokenizer(target, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
-        if len(p) + len(t) > max_length:
+        truncated = len(p) + len(t) > max_length
+        if truncated:
             t = t[: max(max_length - len(p), max_length // 2)]
             p = p[len(p) - (max_length - len(t)):] if max_length > len(t) else []
         ids = np.asarray(p + t, np.int32)
         mask = np.zeros(len(ids), np.int32)
         mask[len(p):] = 1
-        out.append(Example(ids, mask, len(p), prompt, target))
+        out.append(Example(ids, mask, len(p), prompt, target, truncated))
     return out
 
 

@@ -57,6 +57,7 @@ def materialize(run_dir: str | Path, seed: int = 0) -> tuple[Path, Path, Path]:
     """Write the demo model (random init), tokenizer and data into ``run_dir``; return their paths."""
     from transformers import AutoConfig
 
+    from flax_lora.io import atomic_write_text
     from flax_lora.models import hf
 
     run_dir = Path(run_dir)
@@ -66,12 +67,12 @@ def materialize(run_dir: str | Path, seed: int = 0) -> tuple[Path, Path, Path]:
         model = hf.from_config(config, seed=seed, source="demo")
         tok = build_tokenizer()
         tok.save_pretrained(str(model_dir))
-        hf.save_pt_safetensors(model_dir, model.params, config, "transformer")
+        hf.save_pt_safetensors(model_dir, model.params, config, "transformer")  # config first, weights (the marker) last
     data_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, n, s in (("train.jsonl", N_TRAIN, seed), ("eval.jsonl", N_EVAL, seed + 1)):
         p = data_dir / name
         if not p.is_file():
-            p.write_text("".join(json.dumps(r) + "\n" for r in make_rows(n, s)))
+            atomic_write_text(p, "".join(json.dumps(r) + "\n" for r in make_rows(n, s)))
         paths.append(p)
     return model_dir, paths[0], paths[1]

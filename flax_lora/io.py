@@ -30,3 +30,16 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def inside(root: str | os.PathLike, name: str) -> Path:
+    """``root/name``, or a UserError when it resolves outside ``root`` (``..``, absolute, symlink)."""
+    from flax_lora.errors import UserError
+
+    root = Path(root)
+    path = root / name
+    base = root.resolve()
+    target = path.resolve()
+    if target != base and base not in target.parents:
+        raise UserError(f"{path} points outside the output folder {root} (to {target}); refusing to use it")
+    return path

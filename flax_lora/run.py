@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from flax_lora.errors import UserError
-from flax_lora.io import atomic_write_json, atomic_write_text
+from flax_lora.io import atomic_write_json, atomic_write_text, inside
 
-# Fields a --resume may change without it being "a different run".
-RESUMABLE = {"max_steps", "epochs", "total_steps", "save_every", "eval_every", "log_every"}
+# Fields a --resume may change without it being "a different run" (learning_rate: the divergence
+# guard's remedy is ``--resume --learning-rate X``).
+RESUMABLE = {"max_steps", "epochs", "total_steps", "save_every", "eval_every", "log_every", "learning_rate",
+             "on_bad_row", "on_divergence"}
+DIVERGENCE = ("stop", "halve-lr")
+MAX_LR_HALVINGS = 3  # --on-divergence halve-lr: rollbacks before giving up
 
 
 @dataclass
@@ -57,6 +62,9 @@ class RunConfig:
     rouge_examples: int = 32
     max_new_tokens: int | None = None
     keep_checkpoints: int = 3
+    adapter: str | None = None  # start from this adapter (native or PEFT dir) instead of a fresh one
+    on_bad_row: str = "skip"  # skip | fail (flax_lora.rows)
+    on_divergence: str = "stop"  # stop | halve-lr
     demo: bool = False
     resolved: dict[str, Any] = field(default_factory=dict)  # filled by the trainer: targets, format, sizes
 
@@ -80,10 +88,14 @@ class RunDir:
     def __getattr__(self, name):  # rd.metrics -> RUN/metrics.jsonl etc.
         files = {"config": "run_config.json", "advice": "advice.json", "metrics": "metrics.jsonl",
                  "loss_png": "loss.png", "eval": "eval.json", "adapter": "adapter", "checkpoints": "checkpoints",
-                 "eval_before": "eval_before.json"}
+                 "eval_before": "eval_before.json", "data_report": "data_report.json"}
         if name in files:
-            return self.path / files[name]
+            return self.child(files[name])
         raise AttributeError(name)
+
+    def child(self, name: str) -> Path:
+        """``RUN/name``, refused when it would land outside the run folder (``..``, a planted symlink)."""
+        return inside(self.path, name)
 
     def exists(self) -> bool:
         return self.config.is_file()
@@ -121,16 +133,35 @@ class RunDir:
 
     # metrics.jsonl ---------------------------------------------------------------------------
     def log(self, row: dict[str, Any]) -> None:
-        with open(self.metrics, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        """Append one line with a single ``write`` (O_APPEND): a kill leaves at most a torn last line."""
+        fd = os.open(self.metrics, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (json.dumps(row) + "\n").encode())
+        finally:
+            os.close(fd)
 
     def read_metrics(self) -> list[dict[str, Any]]:
+        """The logged rows; a line cut off by a kill (unparseable, no newline) is skipped."""
         if not self.metrics.is_file():
             return []
-        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+        raw = self.metrics.read_bytes()
+        lines = raw.split(b"\n")
+        rows = []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                if number == len(lines):  # torn tail (a complete line ends with a newline)
+                    continue
+                raise UserError(f"{self.metrics} line {number}: not valid JSON; fix or delete the line") from None
+            if isinstance(row, dict):
+                rows.append(row)
+        return rows
 
     def truncate_metrics(self, step: int) -> None:
-        """Drop rows after ``step`` (a resumed run logs them again, exactly once)."""
+        """Drop rows after ``step`` and any torn last line (a resumed run logs them again, exactly once)."""
         rows = [r for r in self.read_metrics() if r.get("step", 0) <= step]
         atomic_write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in rows))
 

@@ -9,7 +9,9 @@ run replays exactly the batches and keys an uninterrupted one would.
 from __future__ import annotations
 
 import math
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,11 +42,49 @@ def config_from_advice(advice, *, model: str | None, data: str | None, output: s
                     precision=tr.precision)
     if is_demo:
         base.update(demo_mod.OVERRIDES)
-    base.update({k: v for k, v in overrides.items() if v is not None})
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    for key in ("eval_data", "adapter"):
+        if key in overrides:
+            overrides[key] = local_path(overrides[key])
+    if overrides.get("adapter"):  # continuing an adapter fixes its rank and scaling
+        from flax_lora.adapter import adapter_settings
+
+        base.update(adapter_settings(overrides["adapter"]))
+    base.update(overrides)
     if is_demo or not _on_accelerator():
         base["precision"] = overrides.get("precision") or "fp32"  # CPU: fp32 unless asked
-    return RunConfig(model=model or "demo", data=data or "demo", output=str(output), demo=is_demo,
+    return RunConfig(model=local_path(model) if model else "demo", data=local_path(data) if data else "demo",
+                     output=str(output), demo=is_demo,
                      **{k: v for k, v in base.items() if k not in ("model", "data", "output")})
+
+
+def local_path(source: str) -> str:
+    """An existing local file or folder as an absolute path (export and eval read it from anywhere); else as given."""
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else source
+
+
+def config_for_resume(output: str, overrides: dict[str, Any]) -> RunConfig:
+    """The config stored in ``output`` with the flags a --resume may change applied.
+
+    Any other flag must equal the stored value (else: a different run).
+    """
+    from flax_lora.run import RESUMABLE
+
+    cfg = RunDir(output).load_config()
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key in ("eval_data", "adapter"):
+            value = local_path(value)
+        if key in RESUMABLE:
+            setattr(cfg, key, value)
+        elif getattr(cfg, key) != value:
+            may = ", ".join(sorted(k for k in RESUMABLE if k != "total_steps"))
+            raise UserError(f"--resume: {output} holds a different run ({key} was {getattr(cfg, key)!r}, now "
+                            f"{value!r}); a resume may change only {may}. Choose another --output")
+    cfg.output = str(output)
+    return cfg
 
 
 def _on_accelerator() -> bool:
@@ -65,6 +105,8 @@ class Setup:
     linears: dict
     targets: dict
     lora_cfg: Any
+    reports: dict  # "train" / "eval" -> flax_lora.rows.RowReport
+    init_lora: Any = None  # from --adapter
 
 
 def build(cfg: RunConfig, rd: RunDir, *, with_train: bool = True) -> Setup:
@@ -78,51 +120,122 @@ def build(cfg: RunConfig, rd: RunDir, *, with_train: bool = True) -> Setup:
 
     if cfg.demo:
         model_dir, train_path, eval_path = demo_mod.materialize(rd.path, cfg.seed)
-        cfg.resolved.update(model_path=str(model_dir), data_path=str(train_path), eval_data_path=str(eval_path))
+        cfg.resolved.update(model_path=str(model_dir.resolve()), data_path=str(train_path.resolve()),
+                            eval_data_path=str(eval_path.resolve()))
     model_src = cfg.resolved.get("model_path", cfg.model)
     data_src = cfg.resolved.get("data_path", cfg.data)
     eval_src = cfg.resolved.get("eval_data_path", cfg.eval_data)
 
     dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[cfg.precision]
-    rows = D.load_rows(data_src)  # data errors first: they are cheap to find
-    fmt = D.detect_format(list(rows[0].keys()), cfg.input_field, cfg.target_field)
+    # data errors first: they are cheap to find
+    train_rows, fmt, train_report = D.load_checked(data_src, input_field=cfg.input_field,
+                                                   target_field=cfg.target_field, policy=cfg.on_bad_row)
+    reports = {"train": train_report}
     if eval_src:
-        eval_rows = D.load_rows(eval_src)
-        D.detect_format(list(eval_rows[0].keys()), fmt.input_field if fmt.kind != "text" else None, fmt.target_field)
-        train_rows = rows
+        eval_rows, _, reports["eval"] = D.load_checked(eval_src, fmt=fmt, policy=cfg.on_bad_row)
     else:
-        train_rows, eval_rows = D.split_eval(rows, seed=cfg.seed)
+        train_rows, eval_rows = D.split_eval(train_rows, seed=cfg.seed)
     tokenizer = load_tokenizer(model_src)
     model = load_model(model_src, dtype=dtype)
-    to_ex = lambda rs: D.tokenize([D.to_text(r, fmt, tokenizer) for r in rs], tokenizer, cfg.max_length)
+    to_ex = lambda rs: D.tokenize([D.to_text(r, fmt, tokenizer) for r, _ in rs], tokenizer, cfg.max_length)
     train_ex = to_ex(train_rows) if with_train else []
     eval_ex = to_ex(eval_rows)
+    for rows, exs, rep in ((train_rows, train_ex, train_report), (eval_rows, eval_ex, reports.get("eval", train_report))):
+        rep.truncated = sorted(set(rep.truncated) | {n for (_, n), ex in zip(rows, exs) if ex.truncated})
     linears = model.linears()
-    targets = resolve_targets(linears, model.model_type, preset=cfg.target_preset, modules=cfg.target_modules)
-    lora_cfg = LoraConfig(cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora)
+    lora_init = None
+    if cfg.adapter:
+        from flax_lora.adapter import load_any_adapter
+        from flax_lora.lora import lora_paths
+
+        lora_init, acfg = load_any_adapter(cfg.adapter, linears, model.model_type)
+        targets = {p: linears[p] for p in lora_paths(lora_init)}
+        lora_cfg = LoraConfig(acfg.r, acfg.alpha, cfg.dropout, acfg.use_rslora)
+    else:
+        targets = resolve_targets(linears, model.model_type, preset=cfg.target_preset, modules=cfg.target_modules)
+        lora_cfg = LoraConfig(cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora)
     cfg.resolved.update(
         model_type=model.model_type, data_format=fmt.describe(), train_examples=len(train_ex) or cfg.resolved.get("train_examples"),
         eval_examples=len(eval_ex), targets=sorted(targets), scaling=lora_cfg.scaling,
     )
-    return Setup(cfg, model, tokenizer, train_ex, eval_ex, linears, targets, lora_cfg)
+    return Setup(cfg, model, tokenizer, train_ex, eval_ex, linears, targets, lora_cfg, reports, lora_init)
+
+
+class _Signals:
+    """SIGINT / SIGTERM set ``signum``; the loop checks it after each step. A second one aborts at once."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\nlora: {signal.Signals(signum).name}: finishing the current step and saving a checkpoint "
+              "(send it again to abort without saving)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def fmt_lr(x: float) -> str:
+    """2e-4 style (what the guide writes, and what --learning-rate accepts)."""
+    if x >= 1e-2:
+        return f"{x:.3g}"
+    mantissa, exp = f"{x:.2e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exp)}"
+
+
+def _first_nonfinite(pending) -> tuple[int, float, float] | None:
+    """(step, loss, grad norm) of the first step whose loss or gradient norm is not finite."""
+    for step, _, m in pending:
+        loss, gn = float(m["loss"]), float(m["grad_norm"])
+        if not (math.isfinite(loss) and math.isfinite(gn)):
+            return step, loss, gn
+    return None
 
 
 def train(cfg: RunConfig, *, resume: bool = False, advice_json: str | None = None, quiet: bool = False,
           note: str | None = None) -> dict[str, Any]:
-    """Run (or resume) training into ``cfg.output``; returns eval.json's content."""
+    """Run (or resume) training into ``cfg.output``; returns eval.json's content.
+
+    SIGINT / SIGTERM: the step in flight finishes, a checkpoint is saved, :class:`Interrupted`
+    is raised. A non-finite loss or gradient norm (checked whenever metrics are fetched: at each
+    log and before each checkpoint, so a diverged state is never saved) raises :class:`Diverged`
+    with the last good checkpoint kept, or, with ``on_divergence="halve-lr"``, rolls back to it
+    and continues at half the learning rate (at most ``MAX_LR_HALVINGS`` times).
+    """
+    with _Signals() as signals:
+        return _train(cfg, resume, advice_json, quiet, note, signals)
+
+
+def _train(cfg: RunConfig, resume: bool, advice_json: str | None, quiet: bool, note: str | None,
+           signals: _Signals) -> dict[str, Any]:
     import jax
-    import numpy as np
     from tqdm.auto import tqdm
 
+    from flax_lora import data as D
     from flax_lora.adapter import save_adapter
     from flax_lora.checkpoint import Checkpoints
     from flax_lora.data import Batches, Position
+    from flax_lora.errors import Diverged, Interrupted
     from flax_lora.evaluate import Evaluator
     from flax_lora.io import atomic_write_json, atomic_write_text
     from flax_lora.lora import init_lora
+    from flax_lora.run import DIVERGENCE, MAX_LR_HALVINGS
     from flax_lora.train import OptimConfig, init_state, make_optimizer, make_schedule, make_train_step
 
     say = (lambda *a: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if cfg.on_divergence not in DIVERGENCE:
+        raise UserError(f"--on-divergence {cfg.on_divergence!r}: use one of {', '.join(DIVERGENCE)}")
     rd = RunDir(cfg.output)
     resuming = rd.prepare(cfg, resume)
     if resuming:  # keep what the first run resolved (demo paths, targets), take the new step budget
@@ -132,6 +245,10 @@ def train(cfg: RunConfig, *, resume: bool = False, advice_json: str | None = Non
             "reverse and spell digits, fully offline)")
     t_start = time.time()
     s = build(cfg, rd)
+    for name, rep in s.reports.items():  # bad rows are reported even with --quiet (stderr)
+        if rep.summary():
+            print(f"lora: {name} data: {rep.summary()}", file=sys.stderr, flush=True)
+    atomic_write_json(rd.data_report, {name: D.report_json(rep, cfg.on_bad_row) for name, rep in s.reports.items()})
     if note:  # said only once the inputs are known good (a bad input's error stays one line)
         say(f"lora: {note}")
     batches = Batches(s.train_examples, cfg.batch_size, cfg.grad_accum, cfg.seed, cfg.max_length, s.tokenizer.pad_token_id)
@@ -141,10 +258,13 @@ def train(cfg: RunConfig, *, resume: bool = False, advice_json: str | None = Non
         atomic_write_text(rd.advice, advice_json)
     rd.write_config(cfg)
 
-    oc = OptimConfig(cfg.learning_rate, cfg.lr_schedule, cfg.warmup_steps, cfg.total_steps, cfg.weight_decay, cfg.max_grad_norm)
-    optimizer, schedule = make_optimizer(oc), make_schedule(oc)
-    step_fn = make_train_step(s.model, s.lora_cfg, optimizer, schedule)
-    lora0 = init_lora(s.targets, cfg.r, jax.random.PRNGKey(cfg.seed))
+    def compile_step(lr: float):
+        oc = OptimConfig(lr, cfg.lr_schedule, cfg.warmup_steps, cfg.total_steps, cfg.weight_decay, cfg.max_grad_norm)
+        optimizer = make_optimizer(oc)
+        return optimizer, make_train_step(s.model, s.lora_cfg, optimizer, make_schedule(oc))
+
+    optimizer, step_fn = compile_step(cfg.learning_rate)
+    lora0 = s.init_lora if s.init_lora is not None else init_lora(s.targets, cfg.r, jax.random.PRNGKey(cfg.seed))
     state = init_state(lora0, optimizer, cfg.seed)
     frozen = s.model.params
     ckpt = Checkpoints(rd.checkpoints, keep=cfg.keep_checkpoints)
@@ -155,69 +275,133 @@ def train(cfg: RunConfig, *, resume: bool = False, advice_json: str | None = Non
         say(f"lora: resuming {rd.path} at step {int(state.step)} (epoch {pos.epoch}, batch {pos.batch})")
     elif resuming:
         rd.truncate_metrics(0)
+    bar = None
+    try:
+        ev = Evaluator(s.model, s.lora_cfg, s.tokenizer, s.eval_examples, max_length=cfg.max_length,
+                       batch_size=min(16, max(1, len(s.eval_examples))), max_new_tokens=cfg.max_new_tokens)
+        if rd.eval_before.is_file():
+            import json
 
-    ev = Evaluator(s.model, s.lora_cfg, s.tokenizer, s.eval_examples, max_length=cfg.max_length,
-                   batch_size=min(16, max(1, len(s.eval_examples))), max_new_tokens=cfg.max_new_tokens)
-    if rd.eval_before.is_file():
-        import json
+            before = json.loads(rd.eval_before.read_text())
+        else:
+            before = ev.evaluate(lora0, frozen, cfg.rouge_examples)
+            atomic_write_json(rd.eval_before, before)
+            rd.log({"step": 0, "epoch": 0.0, "eval_loss": before["loss"], "eval_perplexity": before["perplexity"]})
+        say(f"lora: before training: eval loss {before['loss']:.3f}, ROUGE-L {before.get('rougeL', 0):.3f}")
 
-        before = json.loads(rd.eval_before.read_text())
-    else:
-        before = ev.evaluate(lora0, frozen, cfg.rouge_examples)
-        atomic_write_json(rd.eval_before, before)
-        rd.log({"step": 0, "epoch": 0.0, "eval_loss": before["loss"], "eval_perplexity": before["perplexity"]})
-    say(f"lora: before training: eval loss {before['loss']:.3f}, ROUGE-L {before.get('rougeL', 0):.3f}")
+        def save(state, pos, eval_loss=None):
+            if ckpt.latest_step() != int(state.step):
+                ckpt.save(state, pos, eval_loss)
 
-    start = int(state.step)
-    bar = tqdm(total=cfg.total_steps, initial=start, disable=quiet, unit="step", dynamic_ncols=True, file=sys.stderr)
-    pending: list[tuple[int, float, dict]] = []
-    window_tokens, window_t0 = 0, time.time()
-    eval_loss = None
-    steady_tokens, steady_time, compile_s = 0, 0.0, 0.0
-    it = batches.iterate(pos)
-    step = start
-    while step < cfg.total_steps:
-        pos, batch = next(it)
-        state, metrics = step_fn(state, frozen, batch)
-        step += 1
-        window_tokens += int(batch["attention_mask"].sum())
-        pending.append((step, pos.epoch + pos.batch / batches.steps_per_epoch, metrics))
-        last = step == cfg.total_steps
-        if step == start + 1 and not last:  # compile time stays out of tokens/s
-            jax.block_until_ready(metrics)
-            compile_s, window_tokens, window_t0 = time.time() - window_t0, 0, time.time()
-        if step % cfg.log_every == 0 or last:
-            fetched = jax.device_get([m for _, _, m in pending])  # the loop's only regular sync
-            dt = time.time() - window_t0
-            tok_s = window_tokens / max(dt, 1e-9)
-            steady_tokens, steady_time = steady_tokens + window_tokens, steady_time + dt
-            n = sum(float(m["tokens"]) for m in fetched)
-            loss = sum(float(m["loss"]) * float(m["tokens"]) for m in fetched) / max(n, 1.0)
-            m = fetched[-1]
-            row = {"step": step, "epoch": round(pending[-1][1], 4), "loss": loss, "learning_rate": float(m["learning_rate"]),
-                   "grad_norm": float(m["grad_norm"]), "tokens_per_second": round(tok_s, 1)}
-            rd.log(row)
-            if not math.isfinite(loss):
-                raise UserError(f"loss became {loss} at step {step}; lower the learning rate (e.g. halve it) and --resume")
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
-            bar.update(step - bar.n)
-            pending, window_tokens, window_t0 = [], 0, time.time()
-        if cfg.eval_every and step % cfg.eval_every == 0 and not last:
-            e = ev.loss(state.lora, frozen)
-            eval_loss = e["loss"]
-            rd.log({"step": step, "epoch": round(pos.epoch + pos.batch / batches.steps_per_epoch, 4),
-                    "eval_loss": e["loss"], "eval_perplexity": e["perplexity"]})
-            window_t0 = time.time()
-        if cfg.save_every and step % cfg.save_every == 0 and not last:
-            ckpt.save(state, pos, eval_loss)
-            window_t0 = time.time()
-    bar.close()
+        def interrupted(state, pos, where: str):
+            save(state, pos)
+            sig = signals.signum
+            raise Interrupted(f"lora: {signal.Signals(sig).name} {where}: saved a checkpoint at step {int(state.step)} "
+                              f"of {cfg.total_steps}. Continue with: lora train --output {cfg.output} --resume",
+                              128 + sig)
 
-    after = ev.evaluate(state.lora, frozen, cfg.rouge_examples)
-    rd.log({"step": step, "epoch": round(pos.epoch + pos.batch / batches.steps_per_epoch, 4),
-            "eval_loss": after["loss"], "eval_perplexity": after["perplexity"]})
-    ckpt.save(state, pos, after["loss"])
-    ckpt.close()
+        start = int(state.step)
+        bar = tqdm(total=cfg.total_steps, initial=start, disable=quiet, unit="step", dynamic_ncols=True, file=sys.stderr)
+        pending: list[tuple[int, float, dict]] = []
+        window_tokens, window_t0 = 0, time.time()
+        eval_loss = None
+        steady_tokens, steady_time, compile_s = 0, 0.0, 0.0
+        halvings = 0
+        it = batches.iterate(pos)
+        step = start
+        if signals.signum:
+            interrupted(state, pos, "before the first step")
+        while step < cfg.total_steps:
+            pos, batch = next(it)
+            state, metrics = step_fn(state, frozen, batch)
+            step += 1
+            window_tokens += int(batch["attention_mask"].sum())
+            epoch = pos.epoch + pos.batch / batches.steps_per_epoch
+            pending.append((step, epoch, metrics))
+            last = step == cfg.total_steps
+            if step == start + 1 and not last:  # compile time stays out of tokens/s
+                jax.block_until_ready(metrics)
+                compile_s, window_tokens, window_t0 = time.time() - window_t0, 0, time.time()
+            log_now = step % cfg.log_every == 0 or last
+            save_now = bool(cfg.save_every) and step % cfg.save_every == 0 and not last
+            if not (log_now or save_now or signals.signum):
+                continue
+            # The loop's only regular sync: every pending step's loss and grad norm are checked.
+            pending = [(st, ep, m) for (st, ep, _), m in zip(pending, jax.device_get([m for _, _, m in pending]))]
+            bad = _first_nonfinite(pending)
+            if bad:
+                bad_step, bad_loss, bad_gn = bad
+                good = ckpt.latest_step()
+                lr = cfg.learning_rate
+                event = {"event": "diverged", "diverged_at_step": bad_step, "diverged_loss": bad_loss,
+                         "diverged_grad_norm": bad_gn, "lr_before": lr, "lr_after": lr / 2}
+                if cfg.on_divergence == "halve-lr" and halvings < MAX_LR_HALVINGS:
+                    halvings += 1
+                    rd.truncate_metrics(good or 0)
+                    rd.log({"step": good or 0, **event, "retry": halvings, "max_retries": MAX_LR_HALVINGS})
+                    say(f"lora: loss {bad_loss} / grad norm {bad_gn} at step {bad_step}: rolling back to step "
+                        f"{good or 0} and halving the learning rate ({fmt_lr(lr)} -> {fmt_lr(lr / 2)}), "
+                        f"retry {halvings} of {MAX_LR_HALVINGS}")
+                    cfg.learning_rate = lr / 2
+                    rd.write_config(cfg)
+                    optimizer, step_fn = compile_step(cfg.learning_rate)
+                    state = init_state(lora0, optimizer, cfg.seed)
+                    pos = Position()
+                    if good is not None:
+                        state, pos, meta = ckpt.restore(state)
+                        eval_loss = meta.get("eval_loss")
+                    step = start = int(state.step)
+                    it, pending, window_tokens, window_t0 = batches.iterate(pos), [], 0, time.time()
+                    bar.reset(total=cfg.total_steps)
+                    bar.update(step)
+                    continue
+                m = pending[-1][2]
+                rd.log({"step": bad_step, "epoch": round(epoch, 4), "loss": bad_loss, "learning_rate": float(m["learning_rate"]),
+                        "grad_norm": bad_gn})
+                rd.log({"step": bad_step, **event})
+                kept = (f"kept the last good checkpoint (step {good})" if good is not None
+                        else "no checkpoint was saved yet, so --resume restarts from step 0")
+                tried = f" after {halvings} automatic halvings" if halvings else ""
+                raise Diverged(
+                    f"training diverged at step {bad_step}{tried}: loss {bad_loss}, gradient norm {bad_gn} (learning rate "
+                    f"too high); {kept}. The guide's remedy: halve the learning rate ({fmt_lr(lr)} -> {fmt_lr(lr / 2)}): "
+                    f"lora train --output {cfg.output} --resume --learning-rate {fmt_lr(lr / 2)}"
+                    + ("" if halvings else " (or add --on-divergence halve-lr to do this automatically)"))
+            if log_now:
+                dt = time.time() - window_t0
+                tok_s = window_tokens / max(dt, 1e-9)
+                steady_tokens, steady_time = steady_tokens + window_tokens, steady_time + dt
+                fetched = [m for _, _, m in pending]
+                n = sum(float(m["tokens"]) for m in fetched)
+                loss = sum(float(m["loss"]) * float(m["tokens"]) for m in fetched) / max(n, 1.0)
+                m = fetched[-1]
+                rd.log({"step": step, "epoch": round(epoch, 4), "loss": loss, "learning_rate": float(m["learning_rate"]),
+                        "grad_norm": float(m["grad_norm"]), "tokens_per_second": round(tok_s, 1)})
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+                bar.update(step - bar.n)
+                pending, window_tokens, window_t0 = [], 0, time.time()
+            if cfg.eval_every and step % cfg.eval_every == 0 and not last:
+                e = ev.loss(state.lora, frozen)
+                eval_loss = e["loss"]
+                rd.log({"step": step, "epoch": round(epoch, 4), "eval_loss": e["loss"], "eval_perplexity": e["perplexity"]})
+                window_t0 = time.time()
+            if save_now:
+                save(state, pos, eval_loss)
+                window_t0 = time.time()
+            if signals.signum:
+                interrupted(state, pos, f"at step {step}")
+        bar.close()
+        if signals.signum:
+            interrupted(state, pos, "before the final evaluation")
+
+        after = ev.evaluate(state.lora, frozen, cfg.rouge_examples)
+        rd.log({"step": step, "epoch": round(pos.epoch + pos.batch / batches.steps_per_epoch, 4),
+                "eval_loss": after["loss"], "eval_perplexity": after["perplexity"]})
+        save(state, pos, after["loss"])
+    finally:
+        if bar is not None:
+            bar.close()
+        ckpt.close()
     save_adapter(rd.adapter, jax.device_get(state.lora), s.lora_cfg, s.linears,
                  target_modules=sorted(s.targets), base_model=cfg.resolved.get("model_path", cfg.model),
                  model_type=s.model.model_type)

@@ -1,8 +1,10 @@
 """transformers' Flax causal LMs as :class:`CausalLM`: config, weights and tokenizer loading.
 
 Weights come from a local folder or a Hub snapshot: ``flax_model.msgpack`` through
-transformers, a PyTorch-layout ``model.safetensors`` through :func:`convert_pt_safetensors`
-(no torch needed: keys renamed and kernels transposed against the Flax shape tree).
+transformers, a PyTorch-layout ``model.safetensors`` through
+:func:`flax_lora.models.weights.torch_to_flax` (no torch needed). Remote code is never run: a
+config with ``auto_map`` for a model type we do not implement is refused, and transformers is
+always called with ``trust_remote_code=False``.
 """
 
 from __future__ import annotations
@@ -52,16 +54,50 @@ def resolve(source: str) -> Path:
         ) from None
 
 
-def load_config(source: str):
-    from transformers import AutoConfig
+_TORCH_DTYPES = (None, "float32", "float16", "bfloat16", "float64", "auto")
 
-    folder = resolve(source)
-    if not (folder / "config.json").is_file():
+
+def read_config_json(folder: Path, source: str) -> dict:
+    """config.json as a dict, refused when it asks for remote code, minus an invalid dtype."""
+    import json
+
+    path = folder / "config.json"
+    if not path.is_file():
         raise UserError(f"model {source!r}: {folder} has no config.json")
     try:
-        return AutoConfig.from_pretrained(str(folder))
-    except (ValueError, KeyError, OSError) as exc:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
         raise UserError(f"model {source!r}: unreadable config.json ({exc})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("model_type"), str):
+        raise UserError(f"model {source!r}: config.json has no model_type")
+    if raw.get("auto_map") and raw["model_type"] not in SUPPORTED + _ports():
+        raise UserError(
+            f"model {source!r}: config.json asks to run the model's own Python code (auto_map: "
+            f"{', '.join(sorted(raw['auto_map']))}); lora never runs remote code. Supported model types: "
+            f"{', '.join(SUPPORTED)}"
+        )
+    for key in ("dtype", "torch_dtype"):  # transformers' Flax save_pretrained writes "dtype": "numpy"
+        if raw.get(key) not in _TORCH_DTYPES:
+            raw.pop(key)
+    raw.pop("auto_map", None)  # a supported model type runs our code, never the folder's
+    return raw
+
+
+def _ports() -> tuple[str, ...]:
+    from flax_lora.models.llama import MODEL_TYPES
+
+    return tuple(MODEL_TYPES)
+
+
+def load_config(source: str):
+    """The transformers config of a model folder or Hub id; remote code is never trusted."""
+    from transformers import AutoConfig
+
+    raw = read_config_json(resolve(source), source)
+    try:
+        return AutoConfig.for_model(**raw)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"model {source!r}: unusable config.json ({str(exc).splitlines()[0][:300]})") from None
 
 
 def _cast(params, dtype):
@@ -76,67 +112,57 @@ def from_config(config, *, dtype=jnp.float32, seed: int = 0, source: str = "conf
     return CausalLM(model.module, _cast(params, dtype), config, config.model_type, source, dtype)
 
 
-def convert_pt_safetensors(files: list[Path], shape_tree, base_prefix: str) -> dict:
-    """PyTorch-layout safetensors -> a Flax params tree matching ``shape_tree`` (no torch).
+def _tied_embedding(shape_tree) -> tuple[str, ...] | None:
+    """Flax path of the input embedding (fills a tied ``lm_head`` a checkpoint omits)."""
+    for path in flatten_dict(shape_tree):
+        if path[-1] == "embedding" and any(n in path for n in ("wte", "embed_tokens", "word_embeddings")):
+            return path
+    return None
 
-    ``weight`` becomes ``kernel`` (2-D, transposed), ``embedding`` or ``scale`` by looking at
-    which name the Flax tree has; the base-model prefix is added or dropped as needed. A tied
-    ``lm_head`` missing from the file is filled from the input embedding.
-    """
-    from safetensors import safe_open
 
-    want = flatten_dict(shape_tree)
-    out = {}
+def _read_safetensors(files: list[Path], source: str) -> tuple[dict[str, np.ndarray], str]:
+    """(tensors, format metadata) of safetensors files; a corrupt file is a UserError."""
+    from flax_lora.models.weights import read_safetensors_file, read_safetensors_metadata
+
+    tensors: dict[str, np.ndarray] = {}
+    fmt = "pt"
     for f in files:
-        with safe_open(str(f), framework="flax") as st:
-            for key in st.keys():
-                t = tuple(key.split("."))
-                cands = [t, (base_prefix,) + t, t[1:] if t[0] == base_prefix else None]
-                for c in filter(None, cands):
-                    stem, leaf = c[:-1], c[-1]
-                    if leaf == "weight":
-                        for name in ("kernel", "embedding", "scale", "weight"):
-                            if stem + (name,) in want:
-                                c = stem + (name,)
-                                break
-                    if c in want:
-                        arr = st.get_tensor(key)
-                        if c[-1] == "kernel" and arr.ndim == 2:  # torch Linear [out, in] (Conv1D [in, out])
-                            arr = arr.T
-                        if arr.shape != want[c].shape:
-                            raise UserError(f"weight {key}: shape {arr.shape}, model expects {want[c].shape}")
-                        out[c] = arr
-                        break
-    missing = set(want) - set(out)
-    head = [k for k in missing if k[0] == "lm_head"]
-    emb = [k for k in out if k[-1] == "embedding" and ("embed_tokens" in k or "wte" in k or "word_embeddings" in k)]
-    if head and emb and len(missing) == 1:  # tied embeddings
-        out[head[0]] = out[emb[0]].T
-        missing = set()
-    if missing:
-        raise UserError(f"weights missing {len(missing)} tensors, e.g. {'/'.join(sorted(missing)[0])}")
-    return unflatten_dict(out)
+        try:
+            fmt = (read_safetensors_metadata(f) or {}).get("format", fmt)
+            tensors.update(read_safetensors_file(f))
+        except UserError:
+            raise
+        except Exception as exc:  # truncated, garbage header, offsets past the end
+            raise UserError(f"model {source!r}: {f.name} is not a readable safetensors file "
+                            f"({type(exc).__name__}: {exc}); re-download or re-save it") from None
+    return tensors, fmt
 
 
 def load_hf(source: str, config, *, dtype=jnp.float32) -> CausalLM:
-    """Load pretrained weights with transformers' Flax class for ``config.model_type``."""
-    from safetensors import safe_open
+    """Load pretrained weights with transformers' Flax class for ``config.model_type``.
+
+    A PyTorch-layout ``model.safetensors`` (single or sharded) is mapped onto the Flax tree by
+    :func:`flax_lora.models.weights.torch_to_flax`, without torch.
+    """
+    from flax_lora.models.weights import torch_to_flax
 
     cls = _flax_class(config)
     folder = resolve(source)
     shards = sorted(folder.glob("model*.safetensors"))
     if (folder / "flax_model.msgpack").is_file():
-        model, params = cls.from_pretrained(str(folder), config=config, dtype=dtype, _do_init=False)
+        try:
+            model, params = cls.from_pretrained(str(folder), config=config, dtype=dtype, _do_init=False,
+                                                trust_remote_code=False)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"model {source!r}: unreadable flax_model.msgpack ({type(exc).__name__}: {exc})") from None
     elif shards:
-        with safe_open(str(shards[0]), framework="flax") as st:
-            fmt = (st.metadata() or {}).get("format", "pt")
+        tensors, fmt = _read_safetensors(shards, source)
         model = cls(config, dtype=dtype, _do_init=False)
-        if fmt == "flax" and len(shards) == 1:
-            from safetensors.flax import load_file
-
-            params = unflatten_dict({tuple(k.split(".")): v for k, v in load_file(str(shards[0])).items()})
+        if fmt == "flax":
+            params = unflatten_dict({tuple(k.split(".")): v for k, v in tensors.items()})
         else:
-            params = convert_pt_safetensors(shards, model.params_shape_tree, cls.base_model_prefix)
+            shape_tree = model.params_shape_tree
+            params = torch_to_flax(tensors, shape_tree, tied_embedding=_tied_embedding(shape_tree))
     else:
         raise UserError(f"model {source!r}: no flax_model.msgpack or model.safetensors in {folder}")
     return CausalLM(model.module, _cast(params, dtype), config, config.model_type, source, dtype)
@@ -157,27 +183,23 @@ def load_tokenizer(source: str):
 
     folder = resolve(source)
     try:
-        tok = AutoTokenizer.from_pretrained(str(folder))
+        read_config_json(folder, source)  # refuses remote code before transformers looks at the folder
+        tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise UserError(f"model {source!r}: no usable tokenizer in {folder} ({exc})") from None
     return prepare_tokenizer(tok)
 
 
-def save_pt_safetensors(folder: str | os.PathLike, params, config, base_prefix: str) -> Path:
-    """Write ``params`` as a PyTorch-layout ``model.safetensors`` (+ config) — test fixtures."""
-    from safetensors.numpy import save_file
+def save_pt_safetensors(folder: str | os.PathLike, params, config, base_prefix: str = "") -> Path:
+    """Write ``params`` as a PyTorch-layout ``model.safetensors`` (+ config) — test fixtures, the demo.
+
+    The config is written first and the weights (atomically) last, so a folder whose
+    ``model.safetensors`` exists is complete.
+    """
+    from flax_lora.models.weights import flax_to_torch, write_checkpoint
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for k, v in flatten_dict(params).items():
-        v = np.asarray(v, np.float32)
-        leaf = k[-1]
-        if leaf == "kernel" and v.ndim == 2:
-            v = v.T
-        if leaf in ("kernel", "embedding", "scale"):
-            leaf = "weight"
-        tensors[".".join(k[:-1] + (leaf,))] = np.ascontiguousarray(v)
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     config.save_pretrained(str(folder))
+    write_checkpoint(folder, flax_to_torch(params, dtype=np.float32))
     return folder

@@ -53,21 +53,51 @@ _NAMES = {v: k for k, v in _DTYPES.items()}
 # ----------------------------------------------------------------------------- safetensors I/O
 
 
-def read_safetensors_file(path: str | Path) -> dict[str, np.ndarray]:
-    """All tensors of one ``.safetensors`` file as (memory-mapped, read-only) numpy arrays."""
-    path = Path(path)
+def _header(path: Path) -> tuple[int, dict]:
+    """(header length, header dict) of a safetensors file, checked against the file size."""
+    size = path.stat().st_size
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
+        head = f.read(8)
+        if len(head) < 8:
+            raise UserError(f"{path}: not a safetensors file ({size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise UserError(f"{path}: not a safetensors file (header of {n} bytes in a {size}-byte file; truncated?)")
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError):
+            raise UserError(f"{path}: not a safetensors file (unreadable header)") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: not a safetensors file (header is not an object)")
+    return n, header
+
+
+def read_safetensors_metadata(path: str | Path) -> dict[str, str] | None:
+    """The ``__metadata__`` of a safetensors file (e.g. ``{"format": "pt"}``)."""
+    return _header(Path(path))[1].get("__metadata__")
+
+
+def read_safetensors_file(path: str | Path) -> dict[str, np.ndarray]:
+    """All tensors of one ``.safetensors`` file as (memory-mapped, read-only) numpy arrays.
+
+    A truncated or garbled file is a UserError naming it.
+    """
+    path = Path(path)
+    n, header = _header(path)
     header.pop("__metadata__", None)
-    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    mm = np.memmap(path, dtype=np.uint8, mode="r") if header else np.zeros(0, np.uint8)
     out = {}
     for name, info in header.items():
-        dtype = _DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise UserError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-        start, end = info["data_offsets"]
-        out[name] = mm[8 + n + start : 8 + n + end].view(dtype).reshape(info["shape"])
+        try:
+            dtype = _DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise UserError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+            start, end = info["data_offsets"]
+            if not 0 <= start <= end <= len(mm) - 8 - n:
+                raise UserError(f"{path}: tensor {name} lies past the end of the file (truncated?)")
+            out[name] = mm[8 + n + start : 8 + n + end].view(dtype).reshape(info["shape"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"{path}: tensor {name} is malformed ({type(exc).__name__}: {exc})") from None
     return out
 
 
