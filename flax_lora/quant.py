@@ -15,11 +15,13 @@ quantized weights unchanged; :func:`quant_active` does the same without an adapt
 from __future__ import annotations
 
 import contextlib
+from functools import partial
 from typing import Iterable, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 from jax import lax
 
@@ -66,13 +68,40 @@ def quantized_call(module: nn.Module, x: jax.Array) -> jax.Array:
     scale = module.get_variable("params", SCALE)
     dtype = getattr(module, "dtype", None) or x.dtype
     conv1d = type(module).__name__ == "FlaxConv1D"  # kernel [out, in]
-    x = x.astype(dtype)
-    dims = (((x.ndim - 1,), (1 if conv1d else 0,)), ((), ()))
-    y = lax.dot_general(x, q.astype(dtype), dims, preferred_element_type=jnp.float32)
-    y = (y * scale).astype(dtype)
+    y = _int8_matmul(x.astype(dtype), q, scale.astype(jnp.float32), conv1d)
     if module.has_variable("params", "bias"):
         y = y + module.get_variable("params", "bias").astype(dtype)
     return y
+
+
+def _dims(x, conv1d):
+    return (((x.ndim - 1,), (1 if conv1d else 0,)), ((), ()))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _int8_matmul(x, q, scale, conv1d):
+    y = lax.dot_general(x, q.astype(x.dtype), _dims(x, conv1d), preferred_element_type=jnp.float32)
+    return (y * scale).astype(x.dtype)
+
+
+def _int8_fwd(x, q, scale, conv1d):
+    # residuals are the int8 kernel and its scale, not the dequantised copy: saving that (what
+    # plain autodiff does) would keep every layer's full-precision kernel alive for the backward
+    return _int8_matmul(x, q, scale, conv1d), (q, scale)
+
+
+def _int8_bwd(conv1d, res, g):
+    q, scale = res
+    dtype = g.dtype  # the output's dtype is the input's
+    gs = (g.astype(jnp.float32) * scale).astype(dtype)  # d/dy (y * scale) = scale
+    w = q.astype(dtype)  # [in, out] (dense) or [out, in] (conv1d)
+    dims = (((gs.ndim - 1,), (0 if conv1d else 1,)), ((), ()))
+    dx = lax.dot_general(gs, w, dims, preferred_element_type=jnp.float32).astype(dtype)
+    # the kernel and scales are frozen: no gradient (int8 has a float0 cotangent)
+    return dx, np.zeros(q.shape, jax.dtypes.float0), jnp.zeros_like(scale)
+
+
+_int8_matmul.defvjp(_int8_fwd, _int8_bwd)
 
 
 def make_interceptor():
