@@ -1,4 +1,7 @@
-"""Training-memory model for LoRA from a model's shape (per GPU, no gradient checkpointing).
+"""Training-memory model for LoRA from a model's shape (per GPU; gradient checkpointing optional).
+
+Checked against XLA's compiled memory analysis of the real train step
+(``benchmarks/memory_check.py``, table in ``benchmarks/RESULTS.md``).
 
 The guide says "Memory ∝ batch_size × max_length²". That holds for the attention-score term
 only. Everything else that grows with the batch (hidden states, MLP activations, logits) grows
@@ -20,6 +23,8 @@ RUNTIME_FIXED_GB = 0.75  # CUDA/XLA context, cuBLAS workspaces, compiled program
 RUNTIME_FRACTION = 0.10  # allocator fragmentation and XLA temporaries, of everything else
 INT8_SCALE_BYTES = 4  # one fp32 scale per output row of each quantized linear (LLM.int8 style)
 ADAM_STATES = 2  # AdamW keeps m and v, fp32
+FUSED_LOSS_TYPES = ("llama", "mistral", "qwen2")  # trained through the project's port (chunked loss)
+FUSED_CHUNK_BYTES = 64 * 2**20  # flax_lora.losses.TARGET_CHUNK_BYTES
 
 
 class Setup(NamedTuple):
@@ -31,6 +36,7 @@ class Setup(NamedTuple):
     max_length: int
     precision: str = "bf16"
     quantization: str = "none"
+    remat: bool = False  # gradient checkpointing per decoder layer
 
 
 def trainable_params(shape: ModelShape, r: int, targets: tuple[str, ...]) -> int:
@@ -71,12 +77,44 @@ def quadratic_crossover(shape: ModelShape, r: int = 8, n_targets: int = 4, preci
     """The max_length above which the T² attention scores outweigh all per-token terms."""
     per_token = shape.n_layers * activation_elements_per_token(shape, r, n_targets) * BYTES[precision]
     per_token += 8 * shape.vocab  # fp32 logits + their gradient
-    return math.ceil(per_token / (shape.n_layers * shape.n_heads * BYTES[precision]))
+    return math.ceil(per_token / (shape.n_layers * attention_bytes_per_token(shape, 1, precision)))
+
+
+def attention_bytes_per_token(shape: ModelShape, max_length: int, precision: str) -> float:
+    """One layer's attention scores per token: float32 scores and the probabilities in the compute dtype."""
+    return shape.n_heads * max_length * (4 + BYTES[precision])
+
+
+def activation_bytes(shape: ModelShape, s: Setup, n_targets: int) -> float:
+    """Activations kept for the backward pass, plus one layer's backward temporaries.
+
+    No remat: every layer's activations and attention scores, and the score gradients of the
+    layer being differentiated. Remat: each layer's input only, plus one layer recomputed
+    (its activations, scores and score gradients).
+    """
+    tokens = s.batch * s.max_length
+    per_layer = activation_elements_per_token(shape, s.r, n_targets) * BYTES[s.precision]
+    att = attention_bytes_per_token(shape, s.max_length, s.precision)
+    if s.remat:
+        return tokens * (shape.n_layers * shape.hidden * BYTES[s.precision] + per_layer + 2 * att)
+    return tokens * (shape.n_layers * (per_layer + att) + att)
+
+
+def logits_bytes(shape: ModelShape, tokens: int) -> float:
+    """The vocabulary projection's memory.
+
+    Llama-family models train with the fused chunked loss (``flax_lora.losses``): float32
+    logits, their exponentials and gradient for one chunk (~64 MiB each) plus the float32
+    gradient of the hidden states. Other families materialise float32 logits and their gradient.
+    """
+    if shape.model_type in FUSED_LOSS_TYPES:
+        chunk = min(tokens, max(16, FUSED_CHUNK_BYTES // (4 * shape.vocab)))
+        return 3.0 * chunk * shape.vocab * 4 + tokens * shape.hidden * 4.0
+    return tokens * shape.vocab * 8.0
 
 
 def breakdown(shape: ModelShape, s: Setup) -> dict[str, float]:
     """Bytes by category (see module docstring); runtime overhead included."""
-    dtype = BYTES[s.precision]
     lora = trainable_params(shape, s.r, s.targets)
     n_targets = sum(1 for name, _, _ in linear_layers(shape) if any(name_matches(name, t) for t in s.targets))
     tokens = s.batch * s.max_length
@@ -85,9 +123,8 @@ def breakdown(shape: ModelShape, s: Setup) -> dict[str, float]:
         "lora_params": lora * 4.0,
         "gradients": lora * 4.0,
         "optimizer_states": lora * 4.0 * ADAM_STATES,
-        "activations": shape.n_layers * tokens * dtype * (
-            activation_elements_per_token(shape, s.r, n_targets) + shape.n_heads * s.max_length),
-        "logits": tokens * shape.vocab * 8.0,
+        "activations": activation_bytes(shape, s, n_targets),
+        "logits": logits_bytes(shape, tokens),
     }
     parts["runtime_overhead"] = RUNTIME_FIXED_GB * GIB + RUNTIME_FRACTION * sum(parts.values())
     return parts
@@ -110,8 +147,10 @@ def estimate(shape: ModelShape, s: Setup, vram_gb: float) -> MemoryEstimate:
             "GB = GiB (2^30 bytes), per GPU, as nvidia-smi reports",
             f"frozen weights in {s.precision}" + (" with int8 decoder linears" if s.quantization == "int8" else "")
             + "; LoRA params, gradients and AdamW m/v in fp32",
-            "no gradient checkpointing; attention scores materialized (batch x heads x T^2 per layer)",
-            "logits and their gradient in fp32 (batch x T x vocab)",
+            ("gradient checkpointing per layer" if s.remat else "no gradient checkpointing")
+            + "; attention scores materialized (batch x heads x T^2 per layer, fp32 + compute dtype)",
+            "chunked fused cross-entropy (no full logits)" if shape.model_type in FUSED_LOSS_TYPES
+            else "logits and their gradient in fp32 (batch x T x vocab)",
             f"runtime overhead: {RUNTIME_FIXED_GB} GB context + {RUNTIME_FRACTION:.0%} of the rest",
             f"memory grows ~linearly in max_length below T = {crossover} tokens for this model; "
             "the guide's 'batch x max_length^2' holds only above it",

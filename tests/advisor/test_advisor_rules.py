@@ -132,10 +132,12 @@ def test_max_length_capped_by_model_positions():
 
 
 def test_int8_when_batch_one_does_not_fit():
-    a = advise(samples=3000, vram_gb=12, model="mistral-7b")
+    # 14 GB: bf16 weights alone are 13.5 GiB; int8 at batch 1 x 512 needs ~12.7 GiB (attention
+    # scores counted in fp32 + bf16 since the estimator was checked against the compiled step)
+    a = advise(samples=3000, vram_gb=14, model="mistral-7b")
     assert a.training.quantization == "int8" and a.memory.fits
     bf16_b1 = Setup(a.lora.r, a.lora.target_modules, 1, a.training.max_length)
-    assert not memory.fits(a.model, bf16_b1, 12)
+    assert not memory.fits(a.model, bf16_b1, 14)
     assert "int8" in a.warnings[0]
     assert advise(samples=3000, vram_gb=80, model="mistral-7b").training.quantization == "none"
 
