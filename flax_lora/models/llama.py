@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from functools import partial
 from pathlib import Path
 from typing import Any, Mapping
@@ -120,6 +121,13 @@ def rope_cos_sin(config, position_ids: jax.Array) -> tuple[jax.Array, jax.Array]
     return jnp.cos(emb), jnp.sin(emb)
 
 
+def _fused_attention() -> str | None:
+    """``LORA_ATTENTION``: ``xla`` (default: explicit scores), ``auto`` (jax.nn.dot_product_attention
+    picks), ``cudnn`` (flash attention on NVIDIA GPUs, bf16/fp16). Read at trace time."""
+    impl = os.environ.get("LORA_ATTENTION", "xla")
+    return None if impl == "xla" else impl
+
+
 def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     half = x.shape[-1] // 2
     rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
@@ -174,8 +182,18 @@ class Attention(nn.Module):
         q = _rotate(q, cos, sin).astype(self.dtype)
         k = _rotate(k, cos, sin).astype(self.dtype)
 
+        cached = self.has_variable("cache", "cached_key") or self.init_cache
+        impl = _fused_attention()
+        if impl and not cached and self.window is None:
+            # fused (flash) attention, e.g. cuDNN on GPUs: no [B, H, T, T] scores in memory.
+            # Right padding (the trainer's): key_value_seq_lengths masks the padded keys.
+            lengths = jnp.sum(attention_mask > 0, axis=-1).astype(jnp.int32)
+            out = jax.nn.dot_product_attention(q, k, v, is_causal=True, key_value_seq_lengths=lengths,
+                                               implementation=None if impl == "auto" else impl)
+            return dense(cfg.hidden_size, _o_bias(cfg), name="o_proj")(out.reshape(b, t, nh * hd))
+
         offset = jnp.zeros((), jnp.int32)
-        if self.has_variable("cache", "cached_key") or self.init_cache:
+        if cached:
             k, v, offset = self._update_cache(k, v)
         s = k.shape[1]
         q_idx = offset + jnp.arange(t)[:, None]
