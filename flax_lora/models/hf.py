@@ -9,6 +9,7 @@ always called with ``trust_remote_code=False``.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -19,6 +20,17 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from flax_lora.errors import UserError
 from flax_lora.models import CausalLM
+
+
+class _HideFlaxDeprecation(logging.Filter):
+    """transformers 4.57 warns on every Flax model that v5 drops them; this project pins
+    ``<5`` on purpose (and ports the families it depends on), so the notice is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "TensorFlow and JAX classes are deprecated" not in record.getMessage()
+
+
+logging.getLogger("transformers.modeling_flax_utils").addFilter(_HideFlaxDeprecation())
 
 SUPPORTED = ("gpt2", "opt", "gpt_neo", "gptj", "bloom", "llama", "mistral", "gemma")
 _WEIGHT_FILES = ["config.json", "*.safetensors", "flax_model.msgpack", "*.json", "*.model", "*.txt"]
