@@ -494,14 +494,22 @@ def diagnose(run: Run) -> Report:
              f"medians of the first and last {edge} logged steps)"]
             + ([tail_ev] if z < -MK_Z else []),
             "guide: increase the learning rate 2x (e.g. 1e-4 -> 2e-4)", _lr_change(run, 2.0)))
-    elif not overfit and (still_falling or eval_still_falling):
+    elif not overfit and abs(end) > CONVERGED_LOSS and (still_falling or eval_still_falling):
         ev = [tail_ev] if still_falling else []
         if eval_still_falling:
             ev.append(f"validation loss is lowest at the last evaluation: {_g(evals[-2][1])} (step {evals[-2][0]}) "
                       f"-> {_g(evals[-1][1])} (step {evals[-1][0]})")
         ev += rouge_ev
         changes = {}
-        if run.epochs:
+        reached = max(run.epoch_at.values()) if run.epoch_at else None
+        remedy = "guide: increase epochs"
+        if run.epochs and reached is not None and reached < 0.95 * run.epochs:
+            # The step budget (--max-steps) ended the run before its epochs did: more epochs
+            # would change nothing; more steps would.
+            ev.append(f"the run stopped at epoch {reached:.2f} of its {run.epochs} (the --max-steps budget), "
+                      "so more epochs alone would not train longer")
+            remedy = "guide: increase epochs; here, raise --max-steps so the run reaches them"
+        elif run.epochs:
             more = run.epochs + max(1, math.ceil(run.epochs / 2))
             cap = _epochs_cap(run.samples)
             if cap is not None and run.epochs < cap < more:
@@ -510,10 +518,14 @@ def diagnose(run: Run) -> Report:
                       + (f" (the guide's range for {run.samples:,} samples tops out at {cap})" if cap else ""))
             changes["training.epochs"] = (run.epochs, more)
         found.append(Finding("underfitting", "underfitting: the loss is still falling at the end", ev,
-                             "guide: increase epochs", changes))
+                             remedy, changes))
     if not found:
-        ev = [f"the loss fell {total_drop:.0%} ({_g(start)} -> {_g(end)}) and has flattened: "
-              f"Mann-Kendall z = {z:.2f} over the last {tail_n} logged steps"]
+        if abs(end) <= CONVERGED_LOSS:
+            ev = [f"the loss fell {total_drop:.0%} ({_g(start)} -> {_g(end)}) to below {CONVERGED_LOSS} "
+                  "nats/token: the targets are predicted almost surely, nothing left to fit"]
+        else:
+            ev = [f"the loss fell {total_drop:.0%} ({_g(start)} -> {_g(end)}) and has flattened: "
+                  f"Mann-Kendall z = {z:.2f} over the last {tail_n} logged steps"]
         if evals:
             b = min(range(len(evals)), key=lambda i: evals[i][1])
             ev.append(f"validation loss {_g(evals[-1][1])} at step {evals[-1][0]} (lowest {_g(evals[b][1])} "

@@ -310,3 +310,32 @@ def test_diagnose_does_not_import_jax(tmp_path):
             f"r = CliRunner().invoke(cli, ['diagnose', {str(run)!r}]); assert r.exit_code == 0, r.output; "
             "assert 'jax' not in sys.modules, 'jax imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def _write_run(tmp_path, losses, *, epochs, epoch_per_step):
+    import json
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": s, "epoch": s * epoch_per_step, "loss": v, "learning_rate": 2e-4, "grad_norm": 1.0}
+            for s, v in losses]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "run_config.json").write_text(json.dumps({"epochs": epochs, "learning_rate": 2e-4, "dropout": 0.1}))
+    return run
+
+
+def test_converged_run_is_not_underfitting(tmp_path):
+    """A loss that still falls but is already near zero (the demo) needs no more epochs."""
+    from flax_lora.diagnose import diagnose, load_run
+    losses = [(s, 3.0 * 0.985 ** s) for s in range(10, 610, 10)]
+    assert losses[-1][1] < 0.05
+    report = diagnose(load_run(_write_run(tmp_path, losses, epochs=5, epoch_per_step=5 / 600)))
+    assert [f.kind for f in report.findings] == ["healthy"]
+    assert "nothing left to fit" in report.findings[0].evidence[0]
+
+
+def test_underfitting_capped_by_max_steps_asks_for_more_steps(tmp_path):
+    from flax_lora.diagnose import diagnose, load_run
+    losses = [(s, 2.0 - 0.002 * s) for s in range(10, 410, 10)]  # still falling steeply
+    report = diagnose(load_run(_write_run(tmp_path, losses, epochs=5, epoch_per_step=2 / 400)))
+    (f,) = report.findings
+    assert f.kind == "underfitting" and "--max-steps" in f.remedy and not f.changes
