@@ -24,7 +24,7 @@ RUNTIME_FRACTION = 0.10  # allocator fragmentation and XLA temporaries, of every
 INT8_SCALE_BYTES = 4  # one fp32 scale per output row of each quantized linear (LLM.int8 style)
 ADAM_STATES = 2  # AdamW keeps m and v, fp32
 FUSED_LOSS_TYPES = ("llama", "mistral", "qwen2")  # trained through the project's port (chunked loss)
-FUSED_CHUNK_BYTES = 64 * 2**20  # flax_lora.losses.TARGET_CHUNK_BYTES
+FUSED_CHUNK_BYTES = 128 * 2**20  # flax_lora.losses.TARGET_CHUNK_BYTES
 
 
 class Setup(NamedTuple):
@@ -90,13 +90,13 @@ def activation_bytes(shape: ModelShape, s: Setup, n_targets: int) -> float:
 
     No remat: every layer's activations and attention scores, and the score gradients of the
     layer being differentiated. Remat: each layer's input only, plus one layer recomputed
-    (its activations, scores and score gradients).
+    (its activations and scores, and one fp32 score gradient at a time: 1.5 x the scores).
     """
     tokens = s.batch * s.max_length
     per_layer = activation_elements_per_token(shape, s.r, n_targets) * BYTES[s.precision]
     att = attention_bytes_per_token(shape, s.max_length, s.precision)
     if s.remat:
-        return tokens * (shape.n_layers * shape.hidden * BYTES[s.precision] + per_layer + 2 * att)
+        return tokens * (shape.n_layers * shape.hidden * BYTES[s.precision] + per_layer + 1.5 * att)
     return tokens * (shape.n_layers * (per_layer + att) + att)
 
 
@@ -104,7 +104,7 @@ def logits_bytes(shape: ModelShape, tokens: int) -> float:
     """The vocabulary projection's memory.
 
     Llama-family models train with the fused chunked loss (``flax_lora.losses``): float32
-    logits, their exponentials and gradient for one chunk (~64 MiB each) plus the float32
+    logits, their exponentials and gradient for one chunk (~128 MiB each) plus the float32
     gradient of the hidden states. Other families materialise float32 logits and their gradient.
     """
     if shape.model_type in FUSED_LOSS_TYPES:

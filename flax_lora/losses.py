@@ -32,13 +32,14 @@ def fused_enabled() -> bool:
     return os.environ.get("LORA_FUSED_LOSS", "1") != "0"
 
 
-# Tokens per chunk: the [chunk, V] float32 block stays near this many bytes.
-TARGET_CHUNK_BYTES = 64 * 2**20
+# Bytes of one [chunk, V] float32 block (the advisor's memory model assumes the same).
+TARGET_CHUNK_BYTES = 128 * 2**20
 
 
 def default_chunk(vocab: int, n_tokens: int) -> int:
-    """Tokens per chunk: a power of two with chunk * vocab * 4 bytes <= 64 MiB, in [16, 4096]."""
-    c = max(16, min(4096, TARGET_CHUNK_BYTES // (4 * vocab)))
+    """Tokens per chunk: a power of two with chunk * vocab * 4 bytes <= 128 MiB, in [16, 4096]."""
+    target = TARGET_CHUNK_BYTES
+    c = max(16, min(4096, target // (4 * vocab)))
     c = 2 ** int(math.log2(c))
     return max(16, min(c, 2 ** math.ceil(math.log2(max(n_tokens, 1)))))
 

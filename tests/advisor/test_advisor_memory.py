@@ -48,7 +48,7 @@ def test_llama_3_2_1b_int8_gqa_by_hand():
     assert lora == memory.trainable_params(shape, 16, s.targets) == 1_703_936
     per_token = (4 * 2048 + 2048 + 2 * 512 + 3 * 8192 + 16 * 2) * 2  # gated MLP: 3 x inter; bf16
     scores = 32 * 1024 * (4 + 2)
-    chunk = 64 * 2**20 // (4 * 128256)  # 130 tokens per chunk of the fused loss
+    chunk = 128 * 2**20 // (4 * 128256)  # 261 tokens per chunk of the fused loss
     expected = {
         "frozen_weights": linears * 1 + scales + embed * 2,
         "lora_params": lora * 4,
@@ -67,7 +67,7 @@ def test_remat_keeps_layer_inputs_and_one_layer():
     s = Setup(8, ("q_proj", "v_proj"), 4, 2048, remat=True)
     per_token = (4 * 2048 + 2048 + 2 * 512 + 3 * 8192 + 8 * 2) * 2
     scores = 32 * 2048 * 6
-    assert memory.breakdown(shape, s)["activations"] == 4 * 2048 * (16 * 2048 * 2 + per_token + 2 * scores)
+    assert memory.breakdown(shape, s)["activations"] == 4 * 2048 * (16 * 2048 * 2 + per_token + 1.5 * scores)
     assert memory.breakdown(shape, s)["activations"] < memory.breakdown(shape, s._replace(remat=False))["activations"] / 5
 
 
