@@ -154,7 +154,7 @@ def run_jax(shape: dict, *, batch, seq, accum, r, alpha, targets, precision, sca
     state, metrics = step(state, params, dev_batch)
     first_loss = float(metrics["loss"])
     first_step_seconds = time.perf_counter() - t0
-    compiles_first = counter.count
+    compiles_first, compile_seconds = counter.count, counter.seconds
     for _ in range(warmup):
         state, metrics = step(state, params, jax.device_put(host_batch))
     jax.block_until_ready(metrics)
@@ -194,7 +194,7 @@ def run_jax(shape: dict, *, batch, seq, accum, r, alpha, targets, precision, sca
         "scan": scan, "remat": remat, "quantization": quantization,
         "tokens_per_second": tps, "step_seconds": elapsed / steps,
         "first_step_seconds": first_step_seconds, "init_seconds": init_seconds,
-        "compiles_first_step": compiles_first, "recompiles_after_first_step": counter.count - compiles_first,
+        "compiles_first_step": compiles_first, "xla_compile_seconds": compile_seconds, "recompiles_after_first_step": counter.count - compiles_first,
         "first_loss": first_loss, "loss": float(metrics["loss"]),
         "peak_memory_gb": perf.peak_memory_gb(), "max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         **analysis,
@@ -325,7 +325,7 @@ def main(argv=None) -> int:
                 mfu = f", MFU {res['mfu']:.1%}" if res.get("mfu") else ""
                 mem = res.get("peak_memory_gb") or res.get("xla_peak_gb")
                 print(f"flax_lora {prec}: {res['tokens_per_second']:.1f} tok/s ({res['step_seconds']*1e3:.0f} ms/step), "
-                      f"first step {res['first_step_seconds']:.1f} s, recompiles {res['recompiles_after_first_step']}"
+                      f"first step {res['first_step_seconds']:.1f} s (XLA compile {res['xla_compile_seconds']:.1f} s), recompiles {res['recompiles_after_first_step']}"
                       + (f", peak {mem:.2f} GiB" if mem else "") + mfu, flush=True)
             dump()
     for prec in precisions:
