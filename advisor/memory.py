@@ -73,15 +73,29 @@ def activation_elements_per_token(shape: ModelShape, r: int, n_targets: int) -> 
     return 4 * shape.hidden + q + 2 * kv + mlp + r * n_targets
 
 
-def quadratic_crossover(shape: ModelShape, r: int = 8, n_targets: int = 4, precision: str = "bf16") -> int:
-    """The max_length above which the T² attention scores outweigh all per-token terms."""
+def quadratic_crossover(shape: ModelShape, r: int = 8, n_targets: int = 4, precision: str = "bf16") -> int | None:
+    """The max_length above which the T² attention scores outweigh all per-token terms
+    (None: flash attention keeps no T² term at all)."""
+    if fused_attention(shape, precision):
+        return None
     per_token = shape.n_layers * activation_elements_per_token(shape, r, n_targets) * BYTES[precision]
     per_token += 8 * shape.vocab  # fp32 logits + their gradient
     return math.ceil(per_token / (shape.n_layers * attention_bytes_per_token(shape, 1, precision)))
 
 
+def fused_attention(shape: ModelShape, precision: str) -> bool:
+    """Whether training uses flash attention (no T² scores): the project's Llama-family port
+    picks cuDNN's fused kernel on GPUs in bf16 for head sizes cuDNN takes
+    (``flax_lora.models.llama._fused_attention``); other families materialise the scores."""
+    return (shape.model_type in FUSED_LOSS_TYPES and precision == "bf16"
+            and shape.head_dim % 8 == 0 and shape.head_dim <= 128)
+
+
 def attention_bytes_per_token(shape: ModelShape, max_length: int, precision: str) -> float:
-    """One layer's attention scores per token: float32 scores and the probabilities in the compute dtype."""
+    """One layer's attention memory per token: float32 scores and the probabilities in the
+    compute dtype, or, with flash attention, only its float32 log-sum-exp per head."""
+    if fused_attention(shape, precision):
+        return shape.n_heads * 4.0
     return shape.n_heads * max_length * (4 + BYTES[precision])
 
 
@@ -148,12 +162,16 @@ def estimate(shape: ModelShape, s: Setup, vram_gb: float) -> MemoryEstimate:
             f"frozen weights in {s.precision}" + (" with int8 decoder linears" if s.quantization == "int8" else "")
             + "; LoRA params, gradients and AdamW m/v in fp32",
             ("gradient checkpointing per layer" if s.remat else "no gradient checkpointing")
-            + "; attention scores materialized (batch x heads x T^2 per layer, fp32 + compute dtype)",
+            + ("; flash attention (cuDNN, GPU bf16): no T^2 attention scores"
+               if fused_attention(shape, s.precision)
+               else "; attention scores materialized (batch x heads x T^2 per layer, fp32 + compute dtype)"),
             "chunked fused cross-entropy (no full logits)" if shape.model_type in FUSED_LOSS_TYPES
             else "logits and their gradient in fp32 (batch x T x vocab)",
             f"runtime overhead: {RUNTIME_FIXED_GB} GB context + {RUNTIME_FRACTION:.0%} of the rest",
-            f"memory grows ~linearly in max_length below T = {crossover} tokens for this model; "
-            "the guide's 'batch x max_length^2' holds only above it",
+            (f"memory grows ~linearly in max_length below T = {crossover} tokens for this model; "
+             "the guide's 'batch x max_length^2' holds only above it") if crossover is not None else
+            ("memory grows linearly in max_length at every length: with flash attention the "
+             "guide's 'batch x max_length^2' does not apply"),
         ),
     )
 

@@ -47,7 +47,7 @@ def test_llama_3_2_1b_int8_gqa_by_hand():
     lora = 16 * (16 * (2048 + 2048) + 16 * (2048 + 512))  # v_proj out is kv_heads*head_dim = 512
     assert lora == memory.trainable_params(shape, 16, s.targets) == 1_703_936
     per_token = (4 * 2048 + 2048 + 2 * 512 + 3 * 8192 + 16 * 2) * 2  # gated MLP: 3 x inter; bf16
-    scores = 32 * 1024 * (4 + 2)
+    scores = 32 * 4  # bf16 on a GPU: cuDNN flash attention keeps only an fp32 log-sum-exp per head
     chunk = 128 * 2**20 // (4 * 128256)  # 261 tokens per chunk of the fused loss
     expected = {
         "frozen_weights": linears * 1 + scales + embed * 2,
@@ -66,9 +66,20 @@ def test_remat_keeps_layer_inputs_and_one_layer():
     shape = catalog.lookup("llama-3.2-1b")
     s = Setup(8, ("q_proj", "v_proj"), 4, 2048, remat=True)
     per_token = (4 * 2048 + 2048 + 2 * 512 + 3 * 8192 + 8 * 2) * 2
-    scores = 32 * 2048 * 6
+    scores = 32 * 4  # flash attention (bf16, GPU): fp32 log-sum-exp per head, no T^2 scores
     assert memory.breakdown(shape, s)["activations"] == 4 * 2048 * (16 * 2048 * 2 + per_token + 1.5 * scores)
     assert memory.breakdown(shape, s)["activations"] < memory.breakdown(shape, s._replace(remat=False))["activations"] / 5
+
+
+def test_flash_attention_drops_the_quadratic_term():
+    """bf16 Llama-family training uses cuDNN flash attention on GPUs: activations grow linearly
+    in T (doubling T doubles them); fp32 and GPT-2 keep the T^2 scores (more than double)."""
+    llama, gpt2 = catalog.lookup("llama-3.2-1b"), catalog.lookup("gpt2")
+    act = lambda shape, t, p: memory.breakdown(shape, Setup(8, ("q_proj",), 2, t, precision=p))["activations"]
+    assert act(llama, 4096, "bf16") == pytest.approx(2 * act(llama, 2048, "bf16"))
+    assert act(llama, 4096, "fp32") > 2.2 * act(llama, 2048, "fp32")
+    assert act(gpt2, 1024, "bf16") > 2.2 * act(gpt2, 512, "bf16")
+    assert memory.quadratic_crossover(llama) is None and memory.quadratic_crossover(gpt2) > 0
 
 
 def test_int8_and_fp32_change_only_the_weights():

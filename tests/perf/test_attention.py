@@ -27,3 +27,20 @@ def test_fused_attention_matches_explicit_scores_with_right_padding(monkeypatch)
     got = logits()
     valid = np.asarray(mask, bool)
     np.testing.assert_allclose(got[valid], ref[valid], atol=2e-5)
+
+
+def test_default_kernel_choice(monkeypatch):
+    """Unset: flash attention only on GPUs in half precision with a cuDNN head size; the
+    variable always wins."""
+    import flax_lora.models.llama as llama
+
+    monkeypatch.delenv("LORA_ATTENTION", raising=False)
+    monkeypatch.setattr(llama.jax, "default_backend", lambda: "gpu")
+    assert llama._fused_attention(jnp.bfloat16, 64) == "cudnn"
+    assert llama._fused_attention(jnp.float32, 64) is None      # fp32: cuDNN flash has no kernel
+    assert llama._fused_attention(jnp.bfloat16, 256) is None    # head size cuDNN does not take
+    monkeypatch.setattr(llama.jax, "default_backend", lambda: "cpu")
+    assert llama._fused_attention(jnp.bfloat16, 64) is None
+    monkeypatch.setenv("LORA_ATTENTION", "xla")
+    monkeypatch.setattr(llama.jax, "default_backend", lambda: "gpu")
+    assert llama._fused_attention(jnp.bfloat16, 64) is None
