@@ -65,6 +65,8 @@ def _vram_gb() -> float:
 @click.option("--resume", is_flag=True, help="Continue the run in --output from its last checkpoint.")
 @click.option("--seed", type=int)
 @click.option("--precision", type=click.Choice(["bf16", "fp32"]))
+@click.option("--quantization", type=click.Choice(["none", "int8"]),
+              help="int8: frozen linear weights in int8 (the guide's load_in_8bit); default: the advice's.")
 @click.option("--input-field", type=str, help="Column holding the prompt.")
 @click.option("--target-field", type=str, help="Column holding the target.")
 @click.option("--adapter", type=str, help="Continue training this adapter (a lora adapter or PEFT directory).")
@@ -75,21 +77,26 @@ def _vram_gb() -> float:
                    "to it and halve the learning rate (at most 3 times).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or messages (scripts).")
 def train(advice_file, model, data, eval_data, output, max_steps, epochs, batch_size, grad_accum, max_length,
-          learning_rate, save_every, eval_every, resume, seed, precision, input_field, target_field, adapter,
-          on_bad_row, on_divergence, quiet):
+          learning_rate, save_every, eval_every, resume, seed, precision, quantization, input_field, target_field,
+          adapter, on_bad_row, on_divergence, quiet):
     """Train a LoRA adapter: flags override the advice; no --model/--data trains the built-in demo.
 
     Ctrl-C / SIGTERM save a checkpoint and exit 130 / 143; `lora train --output DIR --resume`
     continues (a resume may change the step budget, intervals and --learning-rate). A diverged
-    run (NaN/inf) stops with exit 2, keeping the last good checkpoint.
+    run (NaN/inf) stops with exit 2, keeping the last good checkpoint. Every visible device
+    trains data parallel (effective batch = batch size x accumulation x devices); several hosts
+    join through LORA_COORDINATOR / LORA_NUM_PROCESSES / LORA_PROCESS_ID or a detected cluster.
     """
+    from flax_lora.parallel import init_distributed
+
+    init_distributed()  # before any other JAX use; a no-op on one host
     from flax_lora.errors import Interrupted
     from flax_lora.run import RunDir
     from flax_lora.trainer import config_for_resume, train as run_train
 
     overrides = dict(eval_data=eval_data, max_steps=max_steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
                      max_length=max_length, learning_rate=learning_rate, save_every=save_every, eval_every=eval_every,
-                     seed=seed, precision=precision, input_field=input_field, target_field=target_field,
+                     seed=seed, precision=precision, quantization=quantization, input_field=input_field, target_field=target_field,
                      adapter=adapter, on_bad_row=on_bad_row, on_divergence=on_divergence)
     note = None
     if resume and model is None and data is None and not advice_file and RunDir(output).exists():

@@ -73,3 +73,30 @@ def peak_memory_gb() -> float | None:
     stats = jax.local_devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
     return None if peak is None else peak / 2**30
+
+
+def _first(config, *names, default=None):
+    for name in names:
+        value = getattr(config, name, None)
+        if value:
+            return int(value)
+    return default
+
+
+def model_flops_fn(params: Any, lora: Any, config: Any):
+    """``seq_len -> LoRA training FLOPs per token`` for a loaded model (HF ``config``) and adapter.
+
+    A model without an ``lm_head`` kernel ties it to the embedding: ``vocab x hidden`` is added.
+    """
+    import jax
+
+    hidden = _first(config, "hidden_size", "n_embd", "d_model")
+    heads = _first(config, "num_attention_heads", "n_head", default=1)
+    layers = _first(config, "num_hidden_layers", "n_layer", "num_layers", default=0)
+    attn_dim = heads * _first(config, "head_dim", default=hidden // heads)
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    tied = not any("lm_head" in p for p in paths)
+    mm = matmul_params(params) + (_first(config, "vocab_size") * hidden if tied else 0)
+    n_lora = int(sum(x.size for x in jax.tree_util.tree_leaves(lora)))
+    return lambda seq_len: lora_flops_per_token(matmul_params=mm, lora_params=n_lora, n_layers=layers,
+                                                seq_len=seq_len, attn_dim=attn_dim)

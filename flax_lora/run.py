@@ -54,6 +54,7 @@ class RunConfig:
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     precision: str = "fp32"
+    quantization: str = "none"  # none | int8 (frozen linear weights, flax_lora.quant)
     seed: int = 0
     # bookkeeping
     save_every: int = 0  # 0: only at the end

@@ -20,6 +20,7 @@ from typing import Any
 from flax_lora.errors import UserError
 from flax_lora.run import RunConfig, RunDir
 
+QUANTIZATION = ("none", "int8")
 GUIDE_DEFAULTS = {"r": 8, "alpha": 16.0, "dropout": 0.1, "learning_rate": 2e-4, "batch_size": 4, "epochs": 3,
                   "target_preset": "attention-qv"}
 
@@ -39,7 +40,7 @@ def config_from_advice(advice, *, model: str | None, data: str | None, output: s
                     epochs=tr.epochs, batch_size=tr.per_device_batch_size, grad_accum=tr.gradient_accumulation_steps,
                     max_length=tr.max_length, learning_rate=tr.learning_rate, lr_schedule=tr.lr_schedule,
                     warmup_steps=tr.warmup_steps, weight_decay=tr.weight_decay, max_grad_norm=tr.max_grad_norm,
-                    precision=tr.precision)
+                    precision=tr.precision, quantization=tr.quantization)
     if is_demo:
         base.update(demo_mod.OVERRIDES)
     overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -135,14 +136,20 @@ def build(cfg: RunConfig, rd: RunDir, *, with_train: bool = True) -> Setup:
         eval_rows, _, reports["eval"] = D.load_checked(eval_src, fmt=fmt, policy=cfg.on_bad_row)
     else:
         train_rows, eval_rows = D.split_eval(train_rows, seed=cfg.seed)
+    if cfg.quantization not in QUANTIZATION:
+        raise UserError(f"quantization {cfg.quantization!r}: use one of {', '.join(QUANTIZATION)}")
     tokenizer = load_tokenizer(model_src)
     model = load_model(model_src, dtype=dtype)
+    linears = model.linears()  # found on the float weights
+    if cfg.quantization == "int8":
+        from flax_lora.quant import quantize_params
+
+        model.params = quantize_params(model.params, conv1d_paths=[p for p, i in linears.items() if i.kind == "conv1d"])
     to_ex = lambda rs: D.tokenize([D.to_text(r, fmt, tokenizer) for r, _ in rs], tokenizer, cfg.max_length)
     train_ex = to_ex(train_rows) if with_train else []
     eval_ex = to_ex(eval_rows)
     for rows, exs, rep in ((train_rows, train_ex, train_report), (eval_rows, eval_ex, reports.get("eval", train_report))):
         rep.truncated = sorted(set(rep.truncated) | {n for (_, n), ex in zip(rows, exs) if ex.truncated})
-    linears = model.linears()
     lora_init = None
     if cfg.adapter:
         from flax_lora.adapter import load_any_adapter
@@ -223,6 +230,7 @@ def _train(cfg: RunConfig, resume: bool, advice_json: str | None, quiet: bool, n
     from tqdm.auto import tqdm
 
     from flax_lora import data as D
+    from flax_lora import perf
     from flax_lora.adapter import save_adapter
     from flax_lora.checkpoint import Checkpoints
     from flax_lora.data import Batches, Position
@@ -230,6 +238,7 @@ def _train(cfg: RunConfig, resume: bool, advice_json: str | None, quiet: bool, n
     from flax_lora.evaluate import Evaluator
     from flax_lora.io import atomic_write_json, atomic_write_text
     from flax_lora.lora import init_lora
+    from flax_lora.parallel import DataParallel, to_host
     from flax_lora.run import DIVERGENCE, MAX_LR_HALVINGS
     from flax_lora.train import OptimConfig, init_state, make_optimizer, make_schedule, make_train_step
 
@@ -251,7 +260,20 @@ def _train(cfg: RunConfig, resume: bool, advice_json: str | None, quiet: bool, n
     atomic_write_json(rd.data_report, {name: D.report_json(rep, cfg.on_bad_row) for name, rep in s.reports.items()})
     if note:  # said only once the inputs are known good (a bad input's error stays one line)
         say(f"lora: {note}")
-    batches = Batches(s.train_examples, cfg.batch_size, cfg.grad_accum, cfg.seed, cfg.max_length, s.tokenizer.pad_token_id)
+    # data parallel over every visible device: the global micro-batch is per-device batch x devices
+    n_dev, nproc, pid = jax.device_count(), jax.process_count(), jax.process_index()
+    if resuming and cfg.resolved.get("devices", 1) != n_dev:
+        raise UserError(f"--resume: {rd.path} was trained on {cfg.resolved.get('devices', 1)} device(s), {n_dev} are "
+                        "visible now; the batches would differ. Resume with the same device count")
+    dp = DataParallel() if n_dev > 1 else None
+    global_batch = cfg.batch_size * n_dev
+    batches = Batches(s.train_examples, global_batch, cfg.grad_accum, cfg.seed, cfg.max_length, s.tokenizer.pad_token_id)
+    rows = slice(pid * global_batch // nproc, (pid + 1) * global_batch // nproc)  # this process's rows
+    feed = (lambda b: dp.put_batch({k: v[:, rows] for k, v in b.items()})) if dp else (lambda b: b)
+    place = dp.put_state if dp else (lambda st: st)
+    device_kind = jax.devices()[0].device_kind
+    cfg.resolved.update(devices=n_dev, processes=nproc, device_kind=device_kind,
+                        effective_batch_size=cfg.batch_size * cfg.grad_accum * n_dev)
     cfg.total_steps = cfg.max_steps or cfg.epochs * batches.steps_per_epoch
     cfg.resolved["steps_per_epoch"] = batches.steps_per_epoch
     if advice_json is not None and not rd.advice.exists():
@@ -261,12 +283,14 @@ def _train(cfg: RunConfig, resume: bool, advice_json: str | None, quiet: bool, n
     def compile_step(lr: float):
         oc = OptimConfig(lr, cfg.lr_schedule, cfg.warmup_steps, cfg.total_steps, cfg.weight_decay, cfg.max_grad_norm)
         optimizer = make_optimizer(oc)
-        return optimizer, make_train_step(s.model, s.lora_cfg, optimizer, make_schedule(oc))
+        step = make_train_step(s.model, s.lora_cfg, optimizer, make_schedule(oc))
+        return optimizer, (dp.wrap(step, frozen) if dp else step)
 
+    frozen = dp.put_frozen(s.model.params) if dp else s.model.params
     optimizer, step_fn = compile_step(cfg.learning_rate)
     lora0 = s.init_lora if s.init_lora is not None else init_lora(s.targets, cfg.r, jax.random.PRNGKey(cfg.seed))
     state = init_state(lora0, optimizer, cfg.seed)
-    frozen = s.model.params
+    flops_per_token = perf.model_flops_fn(s.model.params, lora0, s.model.config)  # of the padded length
     ckpt = Checkpoints(rd.checkpoints, keep=cfg.keep_checkpoints)
     pos = Position()
     if resuming and ckpt.latest_step() is not None:
@@ -275,6 +299,7 @@ def _train(cfg: RunConfig, resume: bool, advice_json: str | None, quiet: bool, n
         say(f"lora: resuming {rd.path} at step {int(state.step)} (epoch {pos.epoch}, batch {pos.batch})")
     elif resuming:
         rd.truncate_metrics(0)
+    state = place(state)
     bar = None
     try:
         ev = Evaluator(s.model, s.lora_cfg, s.tokenizer, s.eval_examples, max_length=cfg.max_length,
@@ -303,9 +328,9 @@ def _train(cfg: RunConfig, resume: bool, advice_json: str | None, quiet: bool, n
         start = int(state.step)
         bar = tqdm(total=cfg.total_steps, initial=start, disable=quiet, unit="step", dynamic_ncols=True, file=sys.stderr)
         pending: list[tuple[int, float, dict]] = []
-        window_tokens, window_t0 = 0, time.time()
+        window_tokens, window_flops, window_t0 = 0, 0.0, time.time()
         eval_loss = None
-        steady_tokens, steady_time, compile_s = 0, 0.0, 0.0
+        steady_tokens, steady_flops, steady_time, compile_s = 0, 0.0, 0.0, 0.0
         halvings = 0
         it = batches.iterate(pos)
         step = start
@@ -313,21 +338,23 @@ def _train(cfg: RunConfig, resume: bool, advice_json: str | None, quiet: bool, n
             interrupted(state, pos, "before the first step")
         while step < cfg.total_steps:
             pos, batch = next(it)
-            state, metrics = step_fn(state, frozen, batch)
+            state, metrics = step_fn(state, frozen, feed(batch))
             step += 1
-            window_tokens += int(batch["attention_mask"].sum())
+            n_tok = int(batch["attention_mask"].sum())  # host arrays: no device sync
+            window_tokens += n_tok
+            window_flops += n_tok * flops_per_token(batch["input_ids"].shape[-1])
             epoch = pos.epoch + pos.batch / batches.steps_per_epoch
             pending.append((step, epoch, metrics))
             last = step == cfg.total_steps
             if step == start + 1 and not last:  # compile time stays out of tokens/s
                 jax.block_until_ready(metrics)
-                compile_s, window_tokens, window_t0 = time.time() - window_t0, 0, time.time()
+                compile_s, window_tokens, window_flops, window_t0 = time.time() - window_t0, 0, 0.0, time.time()
             log_now = step % cfg.log_every == 0 or last
             save_now = bool(cfg.save_every) and step % cfg.save_every == 0 and not last
             if not (log_now or save_now or signals.signum):
                 continue
             # The loop's only regular sync: every pending step's loss and grad norm are checked.
-            pending = [(st, ep, m) for (st, ep, _), m in zip(pending, jax.device_get([m for _, _, m in pending]))]
+            pending = [(st, ep, m) for (st, ep, _), m in zip(pending, to_host([m for _, _, m in pending]))]
             bad = _first_nonfinite(pending)
             if bad:
                 bad_step, bad_loss, bad_gn = bad
@@ -350,8 +377,9 @@ def _train(cfg: RunConfig, resume: bool, advice_json: str | None, quiet: bool, n
                     if good is not None:
                         state, pos, meta = ckpt.restore(state)
                         eval_loss = meta.get("eval_loss")
+                    state = place(state)
                     step = start = int(state.step)
-                    it, pending, window_tokens, window_t0 = batches.iterate(pos), [], 0, time.time()
+                    it, pending, window_tokens, window_flops, window_t0 = batches.iterate(pos), [], 0, 0.0, time.time()
                     bar.reset(total=cfg.total_steps)
                     bar.update(step)
                     continue
@@ -371,15 +399,21 @@ def _train(cfg: RunConfig, resume: bool, advice_json: str | None, quiet: bool, n
                 dt = time.time() - window_t0
                 tok_s = window_tokens / max(dt, 1e-9)
                 steady_tokens, steady_time = steady_tokens + window_tokens, steady_time + dt
+                steady_flops += window_flops
+                mfu = perf.mfu(tok_s, window_flops / max(window_tokens, 1), device_kind, n_dev)
+                mem = perf.peak_memory_gb()
                 fetched = [m for _, _, m in pending]
                 n = sum(float(m["tokens"]) for m in fetched)
                 loss = sum(float(m["loss"]) * float(m["tokens"]) for m in fetched) / max(n, 1.0)
                 m = fetched[-1]
                 rd.log({"step": step, "epoch": round(epoch, 4), "loss": loss, "learning_rate": float(m["learning_rate"]),
-                        "grad_norm": float(m["grad_norm"]), "tokens_per_second": round(tok_s, 1)})
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+                        "grad_norm": float(m["grad_norm"]), "tokens_per_second": round(tok_s, 1),
+                        **({"mfu": round(mfu, 4)} if mfu is not None else {}),
+                        **({"peak_memory_gb": round(mem, 3)} if mem is not None else {})})
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}",
+                                **({"mfu": f"{mfu:.1%}"} if mfu is not None else {}), refresh=False)
                 bar.update(step - bar.n)
-                pending, window_tokens, window_t0 = [], 0, time.time()
+                pending, window_tokens, window_flops, window_t0 = [], 0, 0.0, time.time()
             if cfg.eval_every and step % cfg.eval_every == 0 and not last:
                 e = ev.loss(state.lora, frozen)
                 eval_loss = e["loss"]
@@ -402,14 +436,19 @@ def _train(cfg: RunConfig, resume: bool, advice_json: str | None, quiet: bool, n
         if bar is not None:
             bar.close()
         ckpt.close()
-    save_adapter(rd.adapter, jax.device_get(state.lora), s.lora_cfg, s.linears,
+    save_adapter(rd.adapter, to_host(state.lora), s.lora_cfg, s.linears,
                  target_modules=sorted(s.targets), base_model=cfg.resolved.get("model_path", cfg.model),
                  model_type=s.model.model_type)
+    train_mfu = (perf.mfu(steady_tokens / steady_time, steady_flops / max(steady_tokens, 1), device_kind, n_dev)
+                 if steady_time else None)
     result = {
         "step": step,
         "before": before,
         "after": after,
         "train_tokens_per_second": round(steady_tokens / steady_time, 1) if steady_time else None,
+        "train_mfu": None if train_mfu is None else round(train_mfu, 4),
+        "peak_memory_gb": perf.peak_memory_gb(),
+        "devices": n_dev,
         "first_step_seconds": round(compile_s, 1),
         "wall_seconds": round(time.time() - t_start, 1),
     }

@@ -1,0 +1,52 @@
+"""`lora train`'s loop data parallel over 2 (forced host) devices logs the 1-device run's losses."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+from tests.scale.test_data_parallel import _env
+
+# The demo through flax_lora.trainer.train (what `lora train` runs), ROUGE off to keep it short.
+SCRIPT = """
+import sys
+from flax_lora.parallel import init_distributed
+init_distributed()
+from flax_lora.trainer import config_from_advice, train
+cfg = config_from_advice(None, model=None, data=None, output=sys.argv[1],
+                         overrides=dict(max_steps=6, log_every=2, batch_size=int(sys.argv[2]), grad_accum=2,
+                                        rouge_examples=0, eval_every=0, save_every=0, seed=3))
+train(cfg, quiet=True)
+"""
+
+
+def _run(out, devices, batch_size):
+    return subprocess.Popen([sys.executable, "-c", SCRIPT, str(out), str(batch_size)], env=_env(devices),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_two_devices_log_the_single_device_losses(tmp_path):
+    from flax_lora.adapter import load_adapter
+    from flax_lora.run import RunDir
+
+    procs = {1: _run(tmp_path / "one", 1, 4), 2: _run(tmp_path / "two", 2, 2)}  # same global batch: 4 x 2
+    for p in procs.values():
+        out, _ = p.communicate(timeout=240)
+        assert p.returncode == 0, out[-3000:]
+    runs = {n: RunDir(tmp_path / ("one" if n == 1 else "two")) for n in procs}
+    losses = {n: [(r["step"], r["loss"]) for r in rd.read_metrics() if "loss" in r] for n, rd in runs.items()}
+    assert [s for s, _ in losses[1]] == [2, 4, 6] == [s for s, _ in losses[2]]
+    np.testing.assert_allclose([l for _, l in losses[2]], [l for _, l in losses[1]], rtol=1e-5)
+    for n, rd in runs.items():
+        resolved = rd.load_config().resolved
+        assert resolved["devices"] == n and resolved["effective_batch_size"] == 8
+        assert json.loads(rd.eval.read_text())["devices"] == n
+    a, _, _, _ = load_adapter(runs[1].adapter)
+    b, _, _, _ = load_adapter(runs[2].adapter)
+    import jax
+
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-5)
