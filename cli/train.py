@@ -84,12 +84,21 @@ def train(advice_file, model, data, eval_data, output, max_steps, epochs, batch_
     Ctrl-C / SIGTERM save a checkpoint and exit 130 / 143; `lora train --output DIR --resume`
     continues (a resume may change the step budget, intervals and --learning-rate). A diverged
     run (NaN/inf) stops with exit 2, keeping the last good checkpoint. Every visible device
-    trains data parallel (effective batch = batch size x accumulation x devices); several hosts
-    join through LORA_COORDINATOR / LORA_NUM_PROCESSES / LORA_PROCESS_ID or a detected cluster.
+    trains data parallel (effective batch = batch size x accumulation x devices).
     """
     from flax_lora.parallel import init_distributed
 
-    init_distributed()  # before any other JAX use; a no-op on one host
+    if init_distributed():  # before any other JAX use; a no-op on one host
+        import jax
+
+        if jax.process_count() > 1:
+            from flax_lora.errors import UserError
+
+            # The data-parallel step spans hosts (flax_lora.parallel, tested with 2 processes),
+            # but the run directory is written by every process; refuse rather than corrupt it.
+            raise UserError(
+                f"{jax.process_count()} processes joined, but lora train does not yet write its run "
+                "directory from one process only; train on one host (all its GPUs are used)")
     from flax_lora.errors import Interrupted
     from flax_lora.run import RunDir
     from flax_lora.trainer import config_for_resume, train as run_train
