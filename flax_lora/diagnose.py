@@ -56,6 +56,7 @@ OVERFIT_RISE = 0.02
 MIN_POINTS = 5
 DROPOUT_LADDER = (0.05, 0.1, 0.2)  # the guide's dropout values, light -> heavy
 EVAL_MARKS = ("eval", "validation", "val")
+HALVE_LR_REMEDY = "guide: reduce the learning rate by 50% (e.g. 2e-4 -> 1e-4)"
 
 
 # --------------------------------------------------------------------------- run loading
@@ -389,7 +390,7 @@ def diagnose(run: Run) -> Report:
         if len(grads) >= 3 and peak[1] > 2 * statistics.median(g for _, g in grads):
             ev.append(f"grad_norm peaked at {_g(peak[1])} (step {peak[0]}) before that")
         found.append(Finding("lr-too-high", "learning rate too high: training diverged to NaN/inf", ev,
-                             "guide: reduce the learning rate by 50% (e.g. 2e-4 -> 1e-4)", _lr_change(run, 0.5)))
+                             HALVE_LR_REMEDY, _lr_change(run, 0.5)))
         return report
 
     n = len(losses)
@@ -417,7 +418,7 @@ def diagnose(run: Run) -> Report:
                 "lr-too-high", "learning rate too high: the loss oscillates",
                 [f"after step {steps[edge]}, {flips:.0%} of step-to-step changes flip direction and the median "
                  f"change is {swing:.0%} of the loss level ({_g(min(body))}..{_g(max(body))})"],
-                "guide: reduce the learning rate by 50% (e.g. 2e-4 -> 1e-4)", _lr_change(run, 0.5)))
+                HALVE_LR_REMEDY, _lr_change(run, 0.5)))
             return report
 
     # Learning rate too high: divergence (the curve ends well above its lowest point).
@@ -431,7 +432,7 @@ def diagnose(run: Run) -> Report:
             "lr-too-high", "learning rate too high: the loss diverges",
             [f"smoothed loss fell to {_g(low)} at step {steps[k]}, then rose to {_g(end)} by step {steps[-1]} "
              f"(+{(end / low - 1):.0%}; it started at {_g(start)})"],
-            "guide: reduce the learning rate by 50% (e.g. 2e-4 -> 1e-4)", _lr_change(run, 0.5)))
+            HALVE_LR_REMEDY, _lr_change(run, 0.5)))
         return report
 
     # Trend over the tail.
