@@ -75,30 +75,28 @@ def _vram_gb() -> float:
 @click.option("--on-divergence", type=click.Choice(["stop", "halve-lr"]),
               help="On a NaN/inf loss or gradient: stop (default) keeping the last good checkpoint, or roll back "
                    "to it and halve the learning rate (at most 3 times).")
+@click.option("--shard-frozen", is_flag=True, default=None,
+              help="Split the frozen weights over the devices (FSDP style) instead of a full copy on each.")
+@click.option("--coordinator", type=str, help="Several hosts: process 0's host:port (or LORA_COORDINATOR).")
+@click.option("--num-processes", type=click.IntRange(min=1), help="Several hosts: process count (or LORA_NUM_PROCESSES).")
+@click.option("--process-id", type=click.IntRange(min=0), help="Several hosts: this process's id (or LORA_PROCESS_ID).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or messages (scripts).")
 def train(advice_file, model, data, eval_data, output, max_steps, epochs, batch_size, grad_accum, max_length,
           learning_rate, save_every, eval_every, resume, seed, precision, quantization, input_field, target_field,
-          adapter, on_bad_row, on_divergence, quiet):
+          adapter, on_bad_row, on_divergence, shard_frozen, coordinator, num_processes, process_id, quiet):
     """Train a LoRA adapter: flags override the advice; no --model/--data trains the built-in demo.
 
     Ctrl-C / SIGTERM save a checkpoint and exit 130 / 143; `lora train --output DIR --resume`
     continues (a resume may change the step budget, intervals and --learning-rate). A diverged
     run (NaN/inf) stops with exit 2, keeping the last good checkpoint. Every visible device
-    trains data parallel (effective batch = batch size x accumulation x devices).
+    trains data parallel (effective batch = batch size x accumulation x devices). Several hosts:
+    start one `lora train` per host with --coordinator/--num-processes/--process-id (or the LORA_*
+    variables, or under SLURM with none); --output must be a folder all hosts share, and
+    process 0 alone writes it.
     """
     from flax_lora.parallel import init_distributed
 
-    if init_distributed():  # before any other JAX use; a no-op on one host
-        import jax
-
-        if jax.process_count() > 1:
-            from flax_lora.errors import UserError
-
-            # The data-parallel step spans hosts (flax_lora.parallel, tested with 2 processes),
-            # but the run directory is written by every process; refuse rather than corrupt it.
-            raise UserError(
-                f"{jax.process_count()} processes joined, but lora train does not yet write its run "
-                "directory from one process only; train on one host (all its GPUs are used)")
+    init_distributed(coordinator, num_processes, process_id)  # before any other JAX use; no-op on one host
     from flax_lora.errors import Interrupted
     from flax_lora.run import RunDir
     from flax_lora.trainer import config_for_resume, train as run_train
@@ -106,7 +104,7 @@ def train(advice_file, model, data, eval_data, output, max_steps, epochs, batch_
     overrides = dict(eval_data=eval_data, max_steps=max_steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
                      max_length=max_length, learning_rate=learning_rate, save_every=save_every, eval_every=eval_every,
                      seed=seed, precision=precision, quantization=quantization, input_field=input_field, target_field=target_field,
-                     adapter=adapter, on_bad_row=on_bad_row, on_divergence=on_divergence)
+                     adapter=adapter, on_bad_row=on_bad_row, on_divergence=on_divergence, shard_frozen=shard_frozen)
     note = None
     if resume and model is None and data is None and not advice_file and RunDir(output).exists():
         cfg, advice_json = config_for_resume(output, overrides), None  # the run folder is enough to resume
@@ -117,7 +115,9 @@ def train(advice_file, model, data, eval_data, output, max_steps, epochs, batch_
     except Interrupted as exc:
         click.echo(str(exc), err=True)
         raise click.exceptions.Exit(exc.exit_code) from None
-    if quiet:
+    import jax
+
+    if quiet and jax.process_index() == 0:
         click.echo(json.dumps({"output": cfg.output, "eval_loss": result["after"]["loss"],
                                "rougeL": result["after"].get("rougeL")}))
 

@@ -2,7 +2,8 @@
 
 ``RUN/checkpoints/<step>/`` holds ``state`` (an orbax PyTree) and ``meta`` (JSON: step, data
 position, eval loss). The manager keeps the last ``keep`` checkpoints and, among those with an
-eval loss, the best one.
+eval loss, the best one. With several processes every process calls ``save`` and ``restore``
+(orbax coordinates them; the folder must be one that every host sees).
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ class Checkpoints:
         )
 
     def save(self, state: TrainState, position: Position, eval_loss: float | None = None) -> int:
-        step = int(state.step)
+        from flax_lora.parallel import to_host
+
+        step = int(to_host(state.step))
         meta = {"step": step, "epoch": position.epoch, "batch": position.batch, "eval_loss": eval_loss}
         self.manager.save(
             step,
@@ -46,9 +49,10 @@ class Checkpoints:
         return self.manager.latest_step()
 
     def restore(self, like: TrainState, step: int | None = None) -> tuple[TrainState, Position, dict[str, Any]]:
-        """The state at ``step`` (default: latest), shaped like ``like``, and its data position."""
+        """The state at ``step`` (default: latest), shaped and placed like ``like``, and its data position."""
         step = self.latest_step() if step is None else step
-        abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like._asdict())
+        abstract = jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), like._asdict())
         got = self.manager.restore(
             step, args=self._ocp.args.Composite(state=self._ocp.args.StandardRestore(abstract), meta=self._ocp.args.JsonRestore())
         )

@@ -17,6 +17,7 @@ import numpy as np
 
 from flax_lora.data import Example, bucket_for, buckets, eval_batches
 from flax_lora.lora import LoraConfig, lora_active
+from flax_lora.parallel import to_host
 from flax_lora.train import make_eval_step
 
 
@@ -76,7 +77,7 @@ class Evaluator:
         for b in self.batches:
             s, c = self._loss(lora, frozen, b)
             total, n = total + s, n + c  # device adds; one sync below
-        total, n = float(total), float(n)
+        total, n = (float(x) for x in to_host((total, n)))  # to_host: replicated over processes too
         loss = total / max(n, 1.0)
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(n)}
 
@@ -101,7 +102,7 @@ class Evaluator:
             for i, p in enumerate(chunk):
                 buf[i, :len(p)] = p
             lens = np.asarray([len(p) for p in chunk], np.int32)
-            res, res_len = jax.device_get(gen(frozen, lora, buf, lens))
+            res, res_len = to_host(gen(frozen, lora, buf, lens))
             for i in range(min(self.batch_size, len(prompts) - s)):
                 toks = res[i, lens[i]:res_len[i]].tolist()
                 eos = self.tokenizer.eos_token_id

@@ -129,9 +129,12 @@ class DataParallel:
 
 def _put(tree, shardings):
     """Place a host or single-device tree on the mesh (works across processes: every process
-    holds the same full values and contributes its addressable shards)."""
+    holds the same full values and contributes its addressable shards). Leaves already placed
+    with the wanted sharding are kept as they are."""
 
     def put(x, sh):
+        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sh, x.ndim):
+            return x
         x = np.asarray(x) if not isinstance(x, jax.Array) or not x.is_fully_addressable else x
         if isinstance(x, jax.Array) and jax.process_count() == 1:
             return jax.device_put(x, sh)
@@ -150,3 +153,56 @@ def to_host(tree):
         return np.asarray(x)
 
     return jax.tree_util.tree_map(get, tree)
+
+
+# --- agreement between processes (every function is a no-op returning the local answer on one process)
+
+def is_primary() -> bool:
+    """The process that writes the run directory, prints and shows progress (process 0)."""
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Wait until every process reaches ``name``."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def max_over_processes(value: int) -> int:
+    """The largest of every process's ``value`` (e.g. a caught signal number, 0 for none)."""
+    if jax.process_count() == 1:
+        return int(value)
+    from jax.experimental import multihost_utils
+
+    return int(np.max(multihost_utils.process_allgather(np.int32(value))))
+
+
+def from_primary(value: int) -> int:
+    """Process 0's ``value`` on every process (a decision only the writer can make)."""
+    if jax.process_count() == 1:
+        return int(value)
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
+def agreed(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` on every process; if it raised a user error on any, it raises on all.
+
+    Without this a bad input seen by one process (a missing file, a run folder that is not
+    empty) would leave the others waiting forever at the next collective.
+    """
+    from flax_lora.errors import UserError
+
+    try:
+        out, err = fn(*args, **kwargs), None
+    except UserError as exc:
+        out, err = None, exc
+    failed = max_over_processes(0 if err is None else jax.process_index() + 1)
+    if err is not None:
+        raise err
+    if failed:
+        raise UserError(f"process {failed - 1} of {jax.process_count()} stopped with an error (see its output)")
+    return out

@@ -21,7 +21,7 @@ from flax_lora.io import atomic_write_json, atomic_write_text, inside
 # Fields a --resume may change without it being "a different run" (learning_rate: the divergence
 # guard's remedy is ``--resume --learning-rate X``).
 RESUMABLE = {"max_steps", "epochs", "total_steps", "save_every", "eval_every", "log_every", "learning_rate",
-             "on_bad_row", "on_divergence"}
+             "on_bad_row", "on_divergence", "shard_frozen"}
 DIVERGENCE = ("stop", "halve-lr")
 MAX_LR_HALVINGS = 3  # --on-divergence halve-lr: rollbacks before giving up
 
@@ -66,6 +66,7 @@ class RunConfig:
     adapter: str | None = None  # start from this adapter (native or PEFT dir) instead of a fresh one
     on_bad_row: str = "skip"  # skip | fail (flax_lora.rows)
     on_divergence: str = "stop"  # stop | halve-lr
+    shard_frozen: bool = False  # split the frozen weights over the devices (flax_lora.parallel)
     demo: bool = False
     resolved: dict[str, Any] = field(default_factory=dict)  # filled by the trainer: targets, format, sizes
 
@@ -83,8 +84,12 @@ class RunConfig:
 
 
 class RunDir:
-    def __init__(self, path: str | Path):
+    """The run folder. With ``primary=False`` (every process but 0 of a multi-host run) it only
+    reads: writes are no-ops, so one process writes each file."""
+
+    def __init__(self, path: str | Path, primary: bool = True):
         self.path = Path(path)
+        self.primary = primary
 
     def __getattr__(self, name):  # rd.metrics -> RUN/metrics.jsonl etc.
         files = {"config": "run_config.json", "advice": "advice.json", "metrics": "metrics.jsonl",
@@ -126,15 +131,26 @@ class RunDir:
             return True
         if self.path.exists() and any(p for p in self.path.iterdir() if not p.name.startswith(".")):
             raise UserError(f"--output {self.path} is not empty and holds no run; choose an empty or new folder")
-        self.path.mkdir(parents=True, exist_ok=True)
+        if self.primary:
+            self.path.mkdir(parents=True, exist_ok=True)
         return False
 
     def write_config(self, cfg: RunConfig) -> None:
-        atomic_write_json(self.config, cfg.to_json())
+        self.write_json(self.config, cfg.to_json())
+
+    def write_json(self, path: Path, obj: Any) -> None:
+        if self.primary:
+            atomic_write_json(path, obj)
+
+    def write_text(self, path: Path, text: str) -> None:
+        if self.primary:
+            atomic_write_text(path, text)
 
     # metrics.jsonl ---------------------------------------------------------------------------
     def log(self, row: dict[str, Any]) -> None:
         """Append one line with a single ``write`` (O_APPEND): a kill leaves at most a torn last line."""
+        if not self.primary:
+            return
         fd = os.open(self.metrics, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, (json.dumps(row) + "\n").encode())
@@ -163,11 +179,15 @@ class RunDir:
 
     def truncate_metrics(self, step: int) -> None:
         """Drop rows after ``step`` and any torn last line (a resumed run logs them again, exactly once)."""
+        if not self.primary:
+            return
         rows = [r for r in self.read_metrics() if r.get("step", 0) <= step]
         atomic_write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in rows))
 
     def plot(self) -> Path | None:
         """loss.png: training loss per logged step, eval loss where measured."""
+        if not self.primary:
+            return None
         rows = self.read_metrics()
         train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
         evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]

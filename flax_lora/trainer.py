@@ -119,7 +119,12 @@ def build(cfg: RunConfig, rd: RunDir, *, with_train: bool = True) -> Setup:
     from flax_lora.models import load_model, load_tokenizer
     from flax_lora.targets import resolve_targets
 
-    if cfg.demo:
+    if cfg.demo:  # process 0 writes the demo's files, the others read them (one shared folder)
+        from flax_lora.parallel import barrier
+
+        if rd.primary:
+            demo_mod.materialize(rd.path, cfg.seed)
+        barrier("lora-demo-files")
         model_dir, train_path, eval_path = demo_mod.materialize(rd.path, cfg.seed)
         cfg.resolved.update(model_path=str(model_dir.resolve()), data_path=str(train_path.resolve()),
                             eval_data_path=str(eval_path.resolve()))
@@ -210,6 +215,23 @@ def _first_nonfinite(pending) -> tuple[int, float, float] | None:
     return None
 
 
+def _frozen_too_big(params, share: float = 0.5) -> bool:
+    """True when a full copy of the frozen weights would take over ``share`` of one device's
+    memory (then they are split over the devices; devices without memory stats: never)."""
+    import jax
+
+    limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+    size = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
+    return bool(limit) and size > share * limit
+
+
+def step_of(state) -> int:
+    """The optimizer step of a train state (replicated over devices and processes)."""
+    from flax_lora.parallel import to_host
+
+    return int(to_host(state.step))
+
+
 def train(cfg: RunConfig, *, resume: bool = False, advice_json: str | None = None, quiet: bool = False,
           note: str | None = None) -> dict[str, Any]:
     """Run (or resume) training into ``cfg.output``; returns eval.json's content.
@@ -236,28 +258,28 @@ def _train(cfg: RunConfig, resume: bool, advice_json: str | None, quiet: bool, n
     from flax_lora.data import Batches, Position
     from flax_lora.errors import Diverged, Interrupted
     from flax_lora.evaluate import Evaluator
-    from flax_lora.io import atomic_write_json, atomic_write_text
     from flax_lora.lora import init_lora
-    from flax_lora.parallel import DataParallel, to_host
+    from flax_lora.parallel import DataParallel, agreed, from_primary, is_primary, max_over_processes, to_host
     from flax_lora.run import DIVERGENCE, MAX_LR_HALVINGS
     from flax_lora.train import OptimConfig, init_state, make_optimizer, make_schedule, make_train_step
 
-    say = (lambda *a: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    primary = is_primary()  # several processes: process 0 alone writes, prints and shows progress
+    say = (lambda *a: None) if quiet or not primary else (lambda msg: print(msg, file=sys.stderr, flush=True))
     if cfg.on_divergence not in DIVERGENCE:
         raise UserError(f"--on-divergence {cfg.on_divergence!r}: use one of {', '.join(DIVERGENCE)}")
-    rd = RunDir(cfg.output)
-    resuming = rd.prepare(cfg, resume)
+    rd = RunDir(cfg.output, primary=primary)
+    resuming = agreed(rd.prepare, cfg, resume)
     if resuming:  # keep what the first run resolved (demo paths, targets), take the new step budget
         cfg.resolved = {**rd.load_config().resolved, **cfg.resolved}
     if cfg.demo:
         say("lora: no --model/--data given: training the built-in demo (a small random-init GPT-2 learning to "
             "reverse and spell digits, fully offline)")
     t_start = time.time()
-    s = build(cfg, rd)
+    s = agreed(build, cfg, rd)
     for name, rep in s.reports.items():  # bad rows are reported even with --quiet (stderr)
-        if rep.summary():
+        if rep.summary() and primary:
             print(f"lora: {name} data: {rep.summary()}", file=sys.stderr, flush=True)
-    atomic_write_json(rd.data_report, {name: D.report_json(rep, cfg.on_bad_row) for name, rep in s.reports.items()})
+    rd.write_json(rd.data_report, {name: D.report_json(rep, cfg.on_bad_row) for name, rep in s.reports.items()})
     if note:  # said only once the inputs are known good (a bad input's error stays one line)
         say(f"lora: {note}")
     # data parallel over every visible device: the global micro-batch is per-device batch x devices
@@ -265,7 +287,11 @@ def _train(cfg: RunConfig, resume: bool, advice_json: str | None, quiet: bool, n
     if resuming and cfg.resolved.get("devices", 1) != n_dev:
         raise UserError(f"--resume: {rd.path} was trained on {cfg.resolved.get('devices', 1)} device(s), {n_dev} are "
                         "visible now; the batches would differ. Resume with the same device count")
-    dp = DataParallel() if n_dev > 1 else None
+    shard = cfg.shard_frozen or (n_dev > 1 and _frozen_too_big(s.model.params))
+    if shard and not cfg.shard_frozen and n_dev > 1:
+        say(f"lora: the frozen weights take over half of a device's memory: splitting them over the {n_dev} devices")
+    dp = DataParallel(shard_frozen=shard) if n_dev > 1 else None
+    cfg.resolved["frozen_sharded"] = bool(dp and shard)
     global_batch = cfg.batch_size * n_dev
     batches = Batches(s.train_examples, global_batch, cfg.grad_accum, cfg.seed, cfg.max_length, s.tokenizer.pad_token_id)
     rows = slice(pid * global_batch // nproc, (pid + 1) * global_batch // nproc)  # this process's rows
@@ -277,7 +303,7 @@ def _train(cfg: RunConfig, resume: bool, advice_json: str | None, quiet: bool, n
     cfg.total_steps = cfg.max_steps or cfg.epochs * batches.steps_per_epoch
     cfg.resolved["steps_per_epoch"] = batches.steps_per_epoch
     if advice_json is not None and not rd.advice.exists():
-        atomic_write_text(rd.advice, advice_json)
+        rd.write_text(rd.advice, advice_json)
     rd.write_config(cfg)
 
     def compile_step(lr: float):
@@ -289,44 +315,46 @@ def _train(cfg: RunConfig, resume: bool, advice_json: str | None, quiet: bool, n
     frozen = dp.put_frozen(s.model.params) if dp else s.model.params
     optimizer, step_fn = compile_step(cfg.learning_rate)
     lora0 = s.init_lora if s.init_lora is not None else init_lora(s.targets, cfg.r, jax.random.PRNGKey(cfg.seed))
-    state = init_state(lora0, optimizer, cfg.seed)
+    state = place(init_state(lora0, optimizer, cfg.seed))
     flops_per_token = perf.model_flops_fn(s.model.params, lora0, s.model.config)  # of the padded length
     ckpt = Checkpoints(rd.checkpoints, keep=cfg.keep_checkpoints)
     pos = Position()
     if resuming and ckpt.latest_step() is not None:
-        state, pos, _ = ckpt.restore(state)
-        rd.truncate_metrics(int(state.step))
-        say(f"lora: resuming {rd.path} at step {int(state.step)} (epoch {pos.epoch}, batch {pos.batch})")
+        state, pos, _ = ckpt.restore(state)  # restored with the placed state's shardings
+        rd.truncate_metrics(step_of(state))
+        say(f"lora: resuming {rd.path} at step {step_of(state)} (epoch {pos.epoch}, batch {pos.batch})")
     elif resuming:
         rd.truncate_metrics(0)
-    state = place(state)
     bar = None
     try:
         ev = Evaluator(s.model, s.lora_cfg, s.tokenizer, s.eval_examples, max_length=cfg.max_length,
                        batch_size=min(16, max(1, len(s.eval_examples))), max_new_tokens=cfg.max_new_tokens)
-        if rd.eval_before.is_file():
+        if from_primary(rd.eval_before.is_file()):  # every process must take the same branch
             import json
 
             before = json.loads(rd.eval_before.read_text())
         else:
             before = ev.evaluate(lora0, frozen, cfg.rouge_examples)
-            atomic_write_json(rd.eval_before, before)
+            rd.write_json(rd.eval_before, before)
             rd.log({"step": 0, "epoch": 0.0, "eval_loss": before["loss"], "eval_perplexity": before["perplexity"]})
         say(f"lora: before training: eval loss {before['loss']:.3f}, ROUGE-L {before.get('rougeL', 0):.3f}")
 
         def save(state, pos, eval_loss=None):
-            if ckpt.latest_step() != int(state.step):
+            if ckpt.latest_step() != step_of(state):
                 ckpt.save(state, pos, eval_loss)
 
-        def interrupted(state, pos, where: str):
+        def stop_signal() -> int:
+            """The signal to stop on: with several processes, any process's (all stop together)."""
+            return max_over_processes(signals.signum or 0)
+
+        def interrupted(state, pos, where: str, sig: int):
             save(state, pos)
-            sig = signals.signum
-            raise Interrupted(f"lora: {signal.Signals(sig).name} {where}: saved a checkpoint at step {int(state.step)} "
+            raise Interrupted(f"lora: {signal.Signals(sig).name} {where}: saved a checkpoint at step {step_of(state)} "
                               f"of {cfg.total_steps}. Continue with: lora train --output {cfg.output} --resume",
                               128 + sig)
 
-        start = int(state.step)
-        bar = tqdm(total=cfg.total_steps, initial=start, disable=quiet, unit="step", dynamic_ncols=True, file=sys.stderr)
+        start = step_of(state)
+        bar = tqdm(total=cfg.total_steps, initial=start, disable=quiet or not primary, unit="step", dynamic_ncols=True, file=sys.stderr)
         pending: list[tuple[int, float, dict]] = []
         window_tokens, window_flops, window_t0 = 0, 0.0, time.time()
         eval_loss = None
@@ -334,8 +362,8 @@ def _train(cfg: RunConfig, resume: bool, advice_json: str | None, quiet: bool, n
         halvings = 0
         it = batches.iterate(pos)
         step = start
-        if signals.signum:
-            interrupted(state, pos, "before the first step")
+        if sig := stop_signal():
+            interrupted(state, pos, "before the first step", sig)
         while step < cfg.total_steps:
             pos, batch = next(it)
             state, metrics = step_fn(state, frozen, feed(batch))
@@ -351,8 +379,10 @@ def _train(cfg: RunConfig, resume: bool, advice_json: str | None, quiet: bool, n
                 compile_s, window_tokens, window_flops, window_t0 = time.time() - window_t0, 0, 0.0, time.time()
             log_now = step % cfg.log_every == 0 or last
             save_now = bool(cfg.save_every) and step % cfg.save_every == 0 and not last
-            if not (log_now or save_now or signals.signum):
+            # one process alone acts on its signal at once; several agree on it at log and save points
+            if not (log_now or save_now or (signals.signum and nproc == 1)):
                 continue
+            sig = stop_signal()
             # The loop's only regular sync: every pending step's loss and grad norm are checked.
             pending = [(st, ep, m) for (st, ep, _), m in zip(pending, to_host([m for _, _, m in pending]))]
             bad = _first_nonfinite(pending)
@@ -372,13 +402,12 @@ def _train(cfg: RunConfig, resume: bool, advice_json: str | None, quiet: bool, n
                     cfg.learning_rate = lr / 2
                     rd.write_config(cfg)
                     optimizer, step_fn = compile_step(cfg.learning_rate)
-                    state = init_state(lora0, optimizer, cfg.seed)
+                    state = place(init_state(lora0, optimizer, cfg.seed))
                     pos = Position()
                     if good is not None:
                         state, pos, meta = ckpt.restore(state)
                         eval_loss = meta.get("eval_loss")
-                    state = place(state)
-                    step = start = int(state.step)
+                    step = start = step_of(state)
                     it, pending, window_tokens, window_flops, window_t0 = batches.iterate(pos), [], 0, 0.0, time.time()
                     bar.reset(total=cfg.total_steps)
                     bar.update(step)
@@ -422,11 +451,11 @@ def _train(cfg: RunConfig, resume: bool, advice_json: str | None, quiet: bool, n
             if save_now:
                 save(state, pos, eval_loss)
                 window_t0 = time.time()
-            if signals.signum:
-                interrupted(state, pos, f"at step {step}")
+            if sig:
+                interrupted(state, pos, f"at step {step}", sig)
         bar.close()
-        if signals.signum:
-            interrupted(state, pos, "before the final evaluation")
+        if sig := stop_signal():
+            interrupted(state, pos, "before the final evaluation", sig)
 
         after = ev.evaluate(state.lora, frozen, cfg.rouge_examples)
         rd.log({"step": step, "epoch": round(pos.epoch + pos.batch / batches.steps_per_epoch, 4),
@@ -436,9 +465,10 @@ def _train(cfg: RunConfig, resume: bool, advice_json: str | None, quiet: bool, n
         if bar is not None:
             bar.close()
         ckpt.close()
-    save_adapter(rd.adapter, to_host(state.lora), s.lora_cfg, s.linears,
-                 target_modules=sorted(s.targets), base_model=cfg.resolved.get("model_path", cfg.model),
-                 model_type=s.model.model_type)
+    if primary:
+        save_adapter(rd.adapter, to_host(state.lora), s.lora_cfg, s.linears,
+                     target_modules=sorted(s.targets), base_model=cfg.resolved.get("model_path", cfg.model),
+                     model_type=s.model.model_type)
     train_mfu = (perf.mfu(steady_tokens / steady_time, steady_flops / max(steady_tokens, 1), device_kind, n_dev)
                  if steady_time else None)
     result = {
@@ -452,7 +482,7 @@ def _train(cfg: RunConfig, resume: bool, advice_json: str | None, quiet: bool, n
         "first_step_seconds": round(compile_s, 1),
         "wall_seconds": round(time.time() - t_start, 1),
     }
-    atomic_write_json(rd.eval, result)
+    rd.write_json(rd.eval, result)
     rd.plot()
     say(f"lora: after training:  eval loss {after['loss']:.3f} (perplexity {after['perplexity']:.2f}), "
         f"ROUGE-1/2/L {after.get('rouge1', 0):.3f}/{after.get('rouge2', 0):.3f}/{after.get('rougeL', 0):.3f}")

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from tests.scale.test_data_parallel import _env
 
@@ -18,13 +19,15 @@ init_distributed()
 from flax_lora.trainer import config_from_advice, train
 cfg = config_from_advice(None, model=None, data=None, output=sys.argv[1],
                          overrides=dict(max_steps=6, log_every=2, batch_size=int(sys.argv[2]), grad_accum=2,
-                                        rouge_examples=0, eval_every=0, save_every=0, seed=3))
+                                        rouge_examples=0, eval_every=0, save_every=0, seed=3,
+                                        shard_frozen=sys.argv[3] == "shard"))
 train(cfg, quiet=True)
 """
 
 
-def _run(out, devices, batch_size):
-    return subprocess.Popen([sys.executable, "-c", SCRIPT, str(out), str(batch_size)], env=_env(devices),
+def _run(out, devices, batch_size, shard=False):
+    return subprocess.Popen([sys.executable, "-c", SCRIPT, str(out), str(batch_size), "shard" if shard else "copy"],
+                            env=_env(devices),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -32,18 +35,24 @@ def test_two_devices_log_the_single_device_losses(tmp_path):
     from flax_lora.adapter import load_adapter
     from flax_lora.run import RunDir
 
-    procs = {1: _run(tmp_path / "one", 1, 4), 2: _run(tmp_path / "two", 2, 2)}  # same global batch: 4 x 2
+    # same global batch: 4 x 2; "sharded": frozen weights split over the 2 devices (--shard-frozen)
+    procs = {1: _run(tmp_path / "one", 1, 4), 2: _run(tmp_path / "two", 2, 2), "sharded": _run(tmp_path / "sharded", 2, 2, True)}
     for p in procs.values():
         out, _ = p.communicate(timeout=240)
         assert p.returncode == 0, out[-3000:]
-    runs = {n: RunDir(tmp_path / ("one" if n == 1 else "two")) for n in procs}
+    runs = {n: RunDir(tmp_path / {1: "one", 2: "two"}.get(n, n)) for n in procs}
     losses = {n: [(r["step"], r["loss"]) for r in rd.read_metrics() if "loss" in r] for n, rd in runs.items()}
-    assert [s for s, _ in losses[1]] == [2, 4, 6] == [s for s, _ in losses[2]]
+    assert [s for s, _ in losses[1]] == [2, 4, 6] == [s for s, _ in losses[2]] == [s for s, _ in losses["sharded"]]
     np.testing.assert_allclose([l for _, l in losses[2]], [l for _, l in losses[1]], rtol=1e-5)
+    np.testing.assert_allclose([l for _, l in losses["sharded"]], [l for _, l in losses[1]], rtol=1e-5)
     for n, rd in runs.items():
         resolved = rd.load_config().resolved
-        assert resolved["devices"] == n and resolved["effective_batch_size"] == 8
-        assert json.loads(rd.eval.read_text())["devices"] == n
+        devices = 2 if n == "sharded" else n
+        assert resolved["devices"] == devices and resolved["effective_batch_size"] == 8
+        assert json.loads(rd.eval.read_text())["devices"] == devices
+    assert runs["sharded"].load_config().shard_frozen is True
+    assert json.loads(runs["sharded"].eval.read_text())["after"]["loss"] == pytest.approx(
+        json.loads(runs[2].eval.read_text())["after"]["loss"], rel=1e-4)
     a, _, _, _ = load_adapter(runs[1].adapter)
     b, _, _, _ = load_adapter(runs[2].adapter)
     import jax
