@@ -9,6 +9,12 @@ GPU; XLA's compiled memory analysis and the process RSS on CPU), MFU on GPUs of 
 the advisor's memory estimate, and, with ``--torch``, the PyTorch + PEFT baseline
 (``benchmarks/torch_baseline.py``, run in a subprocess first so neither framework holds the
 other's memory or threads) and the ratio. ``--json OUT`` writes everything.
+
+The frozen weights are random, made leaf by leaf on the device (``random_params``: ~N(0, 0.02)
+from a counter hash, RMSNorm ones) in the exact tree the model's init gives: a few seconds,
+where the model's jitted flax init of the unrolled layers (``--init flax``) took ~70 s on a
+2-core CPU for smollm2-135m and llama-1b alike, and 81-85 s for llama-1b on an H200.
+Throughput does not depend on the values.
 """
 
 from __future__ import annotations
@@ -107,7 +113,7 @@ def llama_params(shape: dict) -> int:
 
 
 def run_jax(shape: dict, *, batch, seq, accum, r, alpha, targets, precision, scan, remat, quantization,
-            steps, warmup, memory_analysis, seed=0) -> dict:
+            steps, warmup, memory_analysis, init="fast", seed=0) -> dict:
     """Measure the real train step; returns a result dict."""
     import jax
     import jax.numpy as jnp
@@ -116,14 +122,20 @@ def run_jax(shape: dict, *, batch, seq, accum, r, alpha, targets, precision, sca
     from flax_lora import perf
     from flax_lora.lora import LoraConfig, count_params, init_lora
     from flax_lora.models import CausalLM
-    from flax_lora.models.llama import load_llama, param_shapes, stack_layers
+    from flax_lora.models.llama import LlamaForCausalLM, load_llama, param_shapes, stack_layers
     from flax_lora.targets import resolve_targets
     from flax_lora.train import OptimConfig, init_state, make_optimizer, make_schedule, make_train_step
 
     dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[precision]
     config = llama_config(shape, seq)
     t0 = time.perf_counter()
-    module, params, _ = load_llama(config, dtype, dtype, scan=scan, remat=remat, seed=seed)
+    if init == "flax":  # the model's own init: one jit of the unrolled flat init, then stacked (slow)
+        module, params, _ = load_llama(config, dtype, dtype, scan=scan, remat=remat, seed=seed)
+    else:
+        module = LlamaForCausalLM(config, dtype=dtype, param_dtype=dtype, scan=scan, remat=remat)
+        params = random_params(module, seed=seed, std=config.initializer_range)
+    jax.block_until_ready(params)
+    params_seconds = time.perf_counter() - t0
     flat = CausalLM(module.clone(scan=False, remat=False), None, config, "llama", "bench", dtype)
     linears = flat_linears(flat, param_shapes(flat.module))
     chosen = resolve_targets(linears, "llama", modules=list(targets))
@@ -193,7 +205,8 @@ def run_jax(shape: dict, *, batch, seq, accum, r, alpha, targets, precision, sca
         "impl": "flax_lora", "device": dev.device_kind, "platform": dev.platform, "precision": precision,
         "scan": scan, "remat": remat, "quantization": quantization,
         "tokens_per_second": tps, "step_seconds": elapsed / steps,
-        "first_step_seconds": first_step_seconds, "init_seconds": init_seconds,
+        "first_step_seconds": first_step_seconds, "init": init, "init_seconds": init_seconds,
+        "params_init_seconds": params_seconds,
         "compiles_first_step": compiles_first, "xla_compile_seconds": compile_seconds, "recompiles_after_first_step": counter.count - compiles_first,
         "first_loss": first_loss, "loss": float(metrics["loss"]),
         "peak_memory_gb": perf.peak_memory_gb(), "max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
@@ -202,6 +215,86 @@ def run_jax(shape: dict, *, batch, seq, accum, r, alpha, targets, precision, sca
         "lora_params": count_params(lora), "frozen_gb": sum(x.nbytes for x in jax.tree_util.tree_leaves(params)) / 2**30,
         "jax": jax.__version__,
     }
+
+
+_MIX = (0x7FEB352D, 0x846CA68B)  # "lowbias32" (C. Wellons): a cheap, well-mixing 32-bit hash
+
+
+def _mix32(x):
+    import jax.numpy as jnp
+
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(_MIX[0])
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(_MIX[1])
+    return x ^ (x >> 16)
+
+
+def _hashed_normal_fn():
+    """jit(a, b, shape, dtype, std): a deterministic ~N(0, std) array, computed where it lands.
+
+    Element (row, col) of the array viewed as [prod(shape[:-1]), shape[-1]] is
+    ``mix(mix(row + a) ^ (col + b))``; its four bytes summed (Irwin-Hall, 4 uniforms: mean 0,
+    exact std, kurtosis 2.7 vs 3) are the value. A counter hash instead of ``jax.random``:
+    threefry's normals make ~20 M values/s on a CPU core (the 1.2 B of llama-1b: ~60 s), this
+    runs at memory speed on any device, and a (shape, dtype) compiles once. Same values on
+    every backend, so first losses compare across machines.
+    """
+    from functools import partial
+
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    @partial(jax.jit, static_argnums=(2, 3, 4))
+    def hashed_normal(a, b, shape, dtype, std):
+        rows = 1
+        for d in shape[:-1]:
+            rows *= d
+        cols = shape[-1] if shape else 1
+        r = lax.broadcasted_iota(jnp.uint32, (rows, cols), 0)
+        c = lax.broadcasted_iota(jnp.uint32, (rows, cols), 1)
+        x = _mix32(_mix32(r + a) ^ (c + b))
+        s = (x & 255) + ((x >> 8) & 255) + ((x >> 16) & 255) + (x >> 24)
+        # sum of 4 uniform bytes: mean 4 * 127.5, variance 4 * (256**2 - 1) / 12
+        v = (s.astype(jnp.float32) - 510.0) * (std / (4 * (256**2 - 1) / 12) ** 0.5)
+        return v.astype(dtype).reshape(shape)
+
+    return hashed_normal
+
+
+def random_params(module, *, seed: int = 0, std: float = 0.02) -> dict:
+    """Random params of exactly the tree, shapes and dtypes ``module.init`` gives, made fast.
+
+    The tree comes from ``param_shapes`` (``jax.eval_shape`` of the init: traced, nothing
+    computed), so a scanned module gets its stacked ``model/layers/stack/...`` [L, ...] leaves
+    directly. Each leaf is then filled on the default device by its own small jitted
+    computation: RMSNorm ``weight``/``scale`` ones, ``bias`` zeros, everything else (kernels,
+    embeddings) ~N(0, ``std``) from a counter hash keyed by ``seed`` and the leaf's path.
+    The benchmark measures step speed, not model quality: these are not the model's exact
+    initialisers, only their shapes and scales.
+    """
+    import zlib
+
+    import jax
+    import jax.numpy as jnp
+    from flax.traverse_util import flatten_dict, unflatten_dict
+
+    from flax_lora.models.llama import param_shapes
+
+    normal = _hashed_normal_fn()
+    out = {}
+    for path, leaf in flatten_dict(param_shapes(module)).items():
+        shape, dtype = tuple(leaf.shape), leaf.dtype
+        if path[-1] in ("weight", "scale"):
+            out[path] = jnp.ones(shape, dtype)
+        elif path[-1] == "bias":
+            out[path] = jnp.zeros(shape, dtype)
+        else:
+            name = f"{seed}/" + "/".join(path)
+            a, b = (jnp.uint32(zlib.crc32(f"{name}#{i}".encode())) for i in range(2))
+            out[path] = normal(a, b, shape, dtype, float(std))
+    return unflatten_dict(out)
 
 
 def flat_linears(model, shapes):
@@ -275,6 +368,9 @@ def main(argv=None) -> int:
     p.add_argument("--torch", action="store_true", help="also run PyTorch + PEFT (needs torch, peft)")
     p.add_argument("--torch-only", action="store_true")
     p.add_argument("--torch-timeout", type=int, default=900)
+    p.add_argument("--init", default="fast", choices=["fast", "flax"],
+                   help="frozen params: fast = per-leaf hashed ~N(0, 0.02) on the device (default); "
+                        "flax = the model's jitted flax init (slow: ~70 s for llama-1b on CPU)")
     p.add_argument("--memory-analysis", action="store_true", help="XLA compiled memory analysis (extra compile)")
     p.add_argument("--json", dest="json_out")
     args = p.parse_args(argv)
@@ -308,7 +404,7 @@ def main(argv=None) -> int:
                 res = run_jax(shape, batch=args.batch, seq=args.seq, accum=args.accum, r=args.r, alpha=args.alpha,
                               targets=targets, precision=prec, scan=args.scan, remat=args.remat,
                               quantization=args.quantization, steps=args.steps, warmup=args.warmup,
-                              memory_analysis=args.memory_analysis)
+                              memory_analysis=args.memory_analysis, init=args.init)
             except Exception as exc:
                 import traceback
 
