@@ -113,7 +113,7 @@ def llama_params(shape: dict) -> int:
 
 
 def run_jax(shape: dict, *, batch, seq, accum, r, alpha, targets, precision, scan, remat, quantization,
-            steps, warmup, memory_analysis, init="fast", seed=0) -> dict:
+            steps, warmup, memory_analysis, init="fast", seed=0, profile=None, profile_steps=3) -> dict:
     """Measure the real train step; returns a result dict."""
     import jax
     import jax.numpy as jnp
@@ -196,6 +196,18 @@ def run_jax(shape: dict, *, batch, seq, accum, r, alpha, targets, precision, sca
             analysis = {"error": f"{type(exc).__name__}: {exc}"}
 
     tps = tokens_per_step * steps / elapsed
+    profiled = {}
+    if profile:  # after the timed steps, so tracing costs nothing above
+        from trace_summary import format_summary, summarize
+
+        with jax.profiler.trace(profile):
+            for _ in range(profile_steps):
+                state, metrics = step(state, params, dev_batch)
+            jax.block_until_ready(metrics)
+        summary = summarize(profile, profile_steps)
+        print(format_summary(summary), file=sys.stderr)
+        profiled = {"profile_dir": str(profile), "profile_kinds_ms": summary["kinds"],
+                    "profile_top": [list(k) for k in summary["kernels"][:40]]}
 
     dev = jax.devices()[0]
     mm = perf.matmul_params(params) + (shape["vocab"] * shape["hidden"] if shape["tied_embeddings"] else 0)
@@ -210,7 +222,7 @@ def run_jax(shape: dict, *, batch, seq, accum, r, alpha, targets, precision, sca
         "compiles_first_step": compiles_first, "xla_compile_seconds": compile_seconds, "recompiles_after_first_step": counter.count - compiles_first,
         "first_loss": first_loss, "loss": float(metrics["loss"]),
         "peak_memory_gb": perf.peak_memory_gb(), "max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        **analysis,
+        **analysis, **profiled,
         "flops_per_token": fpt, "mfu": perf.mfu(tps, fpt, dev.device_kind),
         "lora_params": count_params(lora), "frozen_gb": sum(x.nbytes for x in jax.tree_util.tree_leaves(params)) / 2**30,
         "jax": jax.__version__,
@@ -373,6 +385,9 @@ def main(argv=None) -> int:
                         "flax = the model's jitted flax init (slow: ~70 s for llama-1b on CPU)")
     p.add_argument("--memory-analysis", action="store_true", help="XLA compiled memory analysis (extra compile)")
     p.add_argument("--json", dest="json_out")
+    p.add_argument("--profile", metavar="DIR", help="after timing, trace 3 steps with jax.profiler into DIR/<precision> "
+                   "and print where the time goes (benchmarks/trace_summary.py; on CPU set "
+                   "XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true to see XLA ops)")
     args = p.parse_args(argv)
 
     shape = shape_from_args(args)
@@ -404,7 +419,8 @@ def main(argv=None) -> int:
                 res = run_jax(shape, batch=args.batch, seq=args.seq, accum=args.accum, r=args.r, alpha=args.alpha,
                               targets=targets, precision=prec, scan=args.scan, remat=args.remat,
                               quantization=args.quantization, steps=args.steps, warmup=args.warmup,
-                              memory_analysis=args.memory_analysis, init=args.init)
+                              memory_analysis=args.memory_analysis, init=args.init,
+                              profile=args.profile and os.path.join(args.profile, prec))
             except Exception as exc:
                 import traceback
 

@@ -4,10 +4,10 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 #   $OUT/gpu_run.log       the full log, ending with the summary table
 # Parts (each with its own timeout inside a total budget; one failing does not stop the rest):
 #   a  SmolLM2-135M shape, bf16, 4 x 128: ours vs PyTorch + PEFT
-#   b1 Llama-3.2-1B shape, bf16, 4 x 2048: ours (explicit attention) vs PyTorch + PEFT (sdpa)
-#   b2 the same, ours with fused cuDNN attention (LORA_ATTENTION=cudnn)
-#   b3 Llama-3.2-1B shape, bf16, 8 x 2048, remat + cuDNN attention: ours
-#   every part records tokens/s, MFU (LoRA-aware FLOPs), peak memory and the advisor's estimate (c)
+#   b  Llama-3.2-1B shape, bf16, 4 x 2048: ours (the default attention: cuDNN flash) vs PyTorch + PEFT
+#      (sdpa), then 3 steps traced: where the step's time goes, by kernel kind (trace_summary.py)
+#   c  Llama-3.2-1B shape, bf16, 8 x 2048, remat: ours
+#   every part records tokens/s, MFU (LoRA-aware FLOPs), peak memory and the advisor's estimate
 # GPU_RUN_TINY=1: a CPU dry run of the same logic on tiny shapes.
 set -u
 OUT=${OUT:-/tmp/gpu_out}
@@ -47,18 +47,17 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
 if [ "${GPU_RUN_TINY:-0}" = "1" ]; then
   SMALL="--preset tiny --steps 2 --warmup 1"
   BIG="--preset tiny --seq 64 --steps 2 --warmup 1"
-  T_A=200; T_B=200; T_C=150; ATT=auto
+  T_A=150; T_B=200; T_C=150; ATT=auto
 else
   SMALL="--preset smollm2-135m --steps 20 --warmup 3"
   BIG="--preset llama-1b --seq 2048 --steps 8 --warmup 2"
-  T_A=100; T_B=150; T_C=75; ATT=cudnn
+  T_A=100; T_B=170; T_C=90; ATT=cudnn
 fi
 COMMON="--precision bf16 --r 8 --alpha 16 --targets q_proj,k_proj,v_proj,o_proj"
 
-part a  "$T_A" LORA_ATTENTION=xla -- $SMALL $COMMON --batch 4 --seq 128 --torch --torch-timeout 60
-part b1 "$T_B" LORA_ATTENTION=xla -- $BIG $COMMON --batch 4 --torch --torch-timeout 80
-part b2 "$T_C" LORA_ATTENTION=$ATT -- $BIG $COMMON --batch 4
-part b3 "$T_C" LORA_ATTENTION=$ATT -- $BIG $COMMON --batch 8 --remat
+part a "$T_A" LORA_ATTENTION=$ATT -- $SMALL $COMMON --batch 4 --seq 128 --torch --torch-timeout 60
+part b "$T_B" LORA_ATTENTION=$ATT -- $BIG $COMMON --batch 4 --torch --torch-timeout 80 --profile "$PARTS/trace"
+part c "$T_C" LORA_ATTENTION=$ATT -- $BIG $COMMON --batch 8 --remat
 
 summary
 rm -rf "$PARTS"
