@@ -51,3 +51,21 @@ def resolve_targets(
     if preset:
         preset_names(preset, model_type)  # raises: unknown architecture
     raise UserError("no LoRA target modules given")
+
+
+def shortest_names(targets: Mapping[str, LinearInfo] | Sequence[str], linears: Mapping[str, LinearInfo]) -> list[str]:
+    """The shortest module names selecting exactly ``targets`` among ``linears`` (PEFT's rule).
+
+    ``["k_proj", "o_proj", "q_proj", "v_proj"]`` instead of every layer's full path; GPT-2's
+    attention needs two levels (``attn.c_proj``, as ``mlp.c_proj`` exists too); the full paths
+    when no suffix set without a layer index is exact (some layers only).
+    """
+    wanted = set(targets)
+    parts = [p.split("/") for p in sorted(wanted)]
+    for depth in range(1, max((len(p) for p in parts), default=1)):
+        if any(c.isdigit() for p in parts for c in p[-depth:]):
+            break  # a layer index: name the full paths instead
+        names = sorted({".".join(p[-depth:]) for p in parts})
+        if set(select_targets(linears, names)) == wanted:
+            return names
+    return sorted(wanted)

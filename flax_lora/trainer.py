@@ -260,6 +260,7 @@ def _train(cfg: RunConfig, resume: bool, advice_json: str | None, quiet: bool, n
     from flax_lora.evaluate import Evaluator
     from flax_lora.lora import init_lora
     from flax_lora.parallel import DataParallel, agreed, from_primary, is_primary, max_over_processes, to_host
+    from flax_lora.targets import shortest_names
     from flax_lora.run import DIVERGENCE, MAX_LR_HALVINGS
     from flax_lora.train import OptimConfig, init_state, make_optimizer, make_schedule, make_train_step
 
@@ -467,7 +468,7 @@ def _train(cfg: RunConfig, resume: bool, advice_json: str | None, quiet: bool, n
         ckpt.close()
     if primary:
         save_adapter(rd.adapter, to_host(state.lora), s.lora_cfg, s.linears,
-                     target_modules=sorted(s.targets), base_model=cfg.resolved.get("model_path", cfg.model),
+                     target_modules=shortest_names(s.targets, s.linears), base_model=cfg.resolved.get("model_path", cfg.model),
                      model_type=s.model.model_type)
     train_mfu = (perf.mfu(steady_tokens / steady_time, steady_flops / max(steady_tokens, 1), device_kind, n_dev)
                  if steady_time else None)
