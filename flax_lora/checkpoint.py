@@ -48,6 +48,13 @@ class Checkpoints:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def drop_after(self, step: int) -> list[int]:
+        """Delete the checkpoints after ``step`` (a diverged run's unverified ones); their steps."""
+        dropped = [s for s in self.manager.all_steps() if s > step]
+        for s in dropped:
+            self.manager.delete(s)
+        return dropped
+
     def restore(self, like: TrainState, step: int | None = None) -> tuple[TrainState, Position, dict[str, Any]]:
         """The state at ``step`` (default: latest), shaped and placed like ``like``, and its data position."""
         step = self.latest_step() if step is None else step

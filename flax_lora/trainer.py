@@ -389,6 +389,9 @@ def _train(cfg: RunConfig, resume: bool, advice_json: str | None, quiet: bool, n
             bad = _first_nonfinite(pending)
             if bad:
                 bad_step, bad_loss, bad_gn = bad
+                # The checkpoint of step bad_step - 1 holds the weights that gave the bad loss (finite,
+                # but ruined by one update at too high a rate): only earlier ones are known good.
+                ckpt.drop_after(bad_step - 2)
                 good = ckpt.latest_step()
                 lr = cfg.learning_rate
                 event = {"event": "diverged", "diverged_at_step": bad_step, "diverged_loss": bad_loss,
@@ -418,7 +421,7 @@ def _train(cfg: RunConfig, resume: bool, advice_json: str | None, quiet: bool, n
                         "grad_norm": bad_gn})
                 rd.log({"step": bad_step, **event})
                 kept = (f"kept the last good checkpoint (step {good})" if good is not None
-                        else "no checkpoint was saved yet, so --resume restarts from step 0")
+                        else "no good checkpoint precedes it, so --resume restarts from step 0")
                 tried = f" after {halvings} automatic halvings" if halvings else ""
                 raise Diverged(
                     f"training diverged at step {bad_step}{tried}: loss {bad_loss}, gradient norm {bad_gn} (learning rate "

@@ -133,6 +133,23 @@ def test_divergence_stops_keeps_the_last_good_checkpoint_and_prints_the_command(
     assert [r["step"] for r in train_rows] == [3, 6] and all(math.isfinite(r["loss"]) for r in train_rows)
 
 
+def test_a_checkpoint_saved_just_before_the_divergence_is_not_kept(tmp_path, jax_cache):
+    """Checkpoint 1 is saved after an update at 1e30: finite, but its weights give step 2's NaN.
+    It is dropped, so neither a rollback nor --resume starts from it."""
+    from flax_lora.errors import Diverged
+
+    run = tmp_path / "run"
+    with pytest.raises(Diverged) as info:
+        _api_run(run, learning_rate=1e30, save_every=1, log_every=1)
+    msg = str(info.value)
+    assert "diverged at step 2" in msg and "no good checkpoint precedes it" in msg, msg
+    assert not [n for n in _ckpts(run) if n.isdigit()]
+    result = _api_run(run, resume=True, learning_rate=1e-3, save_every=1, log_every=1)
+    assert result["step"] == 6
+    losses = [r["loss"] for r in _rows(run) if "loss" in r]
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses)  # restarted from step 0
+
+
 def test_halve_lr_rolls_back_and_finishes(tmp_path, jax_cache):
     result = _api_run(tmp_path / "run", learning_rate=1e8, save_every=2, log_every=2, on_divergence="halve-lr")
     assert result["step"] == 6
