@@ -190,8 +190,8 @@ class _Signals:
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
-        print(f"\nlora: {signal.Signals(signum).name}: finishing the current step and saving a checkpoint "
-              "(send it again to abort without saving)", file=sys.stderr, flush=True)
+        print(f"\nlora: {signal.Signals(signum).name}: stopping after the current step, saving a checkpoint once "
+              "training has started (send it again to abort without saving)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -306,6 +306,9 @@ def _train(cfg: RunConfig, resume: bool, advice_json: str | None, quiet: bool, n
     if advice_json is not None and not rd.advice.exists():
         rd.write_text(rd.advice, advice_json)
     rd.write_config(cfg)
+    if sig := max_over_processes(signals.signum or 0):  # while loading: the folder is a run now, resumable
+        raise Interrupted(f"lora: {signal.Signals(sig).name} while loading, before training started (nothing to "
+                          f"save). Continue with: lora train --output {cfg.output} --resume", 128 + sig)
 
     def compile_step(lr: float):
         oc = OptimConfig(lr, cfg.lr_schedule, cfg.warmup_steps, cfg.total_steps, cfg.weight_decay, cfg.max_grad_norm)

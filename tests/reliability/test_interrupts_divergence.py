@@ -133,6 +133,32 @@ def test_divergence_stops_keeps_the_last_good_checkpoint_and_prints_the_command(
     assert [r["step"] for r in train_rows] == [3, 6] and all(math.isfinite(r["loss"]) for r in train_rows)
 
 
+def test_a_signal_while_loading_stops_before_training_and_resumes(tmp_path, monkeypatch, jax_cache):
+    """SIGINT during the model/data load: exit 130 before any compile, the folder a resumable run."""
+    import os
+
+    from flax_lora import trainer
+    from flax_lora.errors import Interrupted
+
+    real_build = trainer.build
+
+    def build_then_signal(*a, **k):
+        out = real_build(*a, **k)
+        os.kill(os.getpid(), signal.SIGINT)  # handled by the trainer: sets the flag, the load finishes
+        return out
+
+    monkeypatch.setattr(trainer, "build", build_then_signal)
+    run = tmp_path / "run"
+    with pytest.raises(Interrupted) as info:
+        _api_run(run)
+    assert info.value.exit_code == 130
+    assert "while loading, before training started" in str(info.value)
+    assert f"lora train --output {run} --resume" in str(info.value)
+    assert (run / "run_config.json").is_file() and not (run / "metrics.jsonl").exists() and not [n for n in _ckpts(run) if n.isdigit()]
+    monkeypatch.setattr(trainer, "build", real_build)
+    assert _api_run(run, resume=True)["step"] == 6
+
+
 def test_a_checkpoint_saved_just_before_the_divergence_is_not_kept(tmp_path, jax_cache):
     """Checkpoint 1 is saved after an update at 1e30: finite, but its weights give step 2's NaN.
     It is dropped, so neither a rollback nor --resume starts from it."""
