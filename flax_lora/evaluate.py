@@ -1,13 +1,25 @@
 """Evaluation: validation loss / perplexity, jitted greedy generation, ROUGE-1/2/L.
 
-Generation runs on a fixed-size token buffer ``[B, L]`` inside one ``lax.fori_loop``: each
-step runs the model over the whole buffer (no KV cache: the demo and eval prompts are short,
-and it keeps every family's call signature identical) and writes the argmax after each row's
-current length. Shapes never change during a call, so a buffer size compiles once.
+Greedy generation has two implementations with one interface,
+``gen(frozen, lora, buf[B, L], lengths[B]) -> (buf, lengths)`` on a right-padded token buffer,
+and both produce the same tokens:
+
+* :func:`make_greedy_cached` (used wherever :func:`kv_cache_support` finds the model supports
+  it: the Llama port and transformers' Flax GPT-2, OPT, GPT-Neo, GPT-J, BLOOM, Gemma, Llama,
+  Mistral) runs the model with a KV cache, HF's Flax cache protocol: the prompts are moved to
+  the *left*-padded layout HF's Flax ``generate`` uses, the whole prompt block is run once
+  (prefill), then one token per step in a ``lax.while_loop``; the attention mask covers the
+  full cache and position ids are ``cumsum(mask) - 1``, so every row sees its own positions.
+* :func:`make_greedy` (the fallback) runs the whole model over the whole buffer for every new
+  token and writes the argmax after each row's current length.
+
+Shapes never change during a call, so a buffer size compiles once.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from typing import Any, Sequence
 
@@ -19,6 +31,51 @@ from flax_lora.data import Example, bucket_for, buckets, eval_batches
 from flax_lora.lora import LoraConfig, lora_active
 from flax_lora.parallel import to_host
 from flax_lora.train import make_eval_step
+
+# Families without position ids whose positions come from the attention mask alone (ALiBi from
+# cumsum(mask), as HF's Flax generate relies on), so left padding leaves them unchanged.
+_POSITIONS_FROM_MASK = ("bloom",)
+
+
+def kv_cache_support(model) -> str | None:
+    """Why ``model`` cannot decode with a KV cache, or None when it can.
+
+    Checked on the model itself, by abstract evaluation (nothing computed): its module takes
+    ``init_cache`` and creates a ``cache`` collection with it, and it either takes position ids
+    or derives positions from the attention mask (BLOOM's ALiBi).
+    """
+    module = model.module
+    try:
+        params = inspect.signature(type(module).__call__).parameters
+    except (TypeError, ValueError):
+        return "its module's call signature is unknown"
+    if "init_cache" not in params:
+        return f"{type(module).__name__} has no init_cache"
+    if not model.takes_position_ids and model.model_type not in _POSITIONS_FROM_MASK:
+        return f"{type(module).__name__} takes no position ids (left padding would shift its positions)"
+    try:
+        cache = _cache_shapes(model, 1, 4)
+    except Exception as exc:  # noqa: BLE001 - any failure to trace means: use the uncached path
+        return f"init_cache failed ({type(exc).__name__}: {exc})"
+    if not jax.tree_util.tree_leaves(cache):
+        return "init_cache creates no cache"
+    return None
+
+
+def _call_kwargs(model, position_ids) -> dict:
+    return {"position_ids": position_ids} if model.takes_position_ids else {}
+
+
+def _cache_shapes(model, batch: int, length: int):
+    """Abstract ``cache`` collection (ShapeDtypeStruct leaves) for a ``[batch, length]`` cache."""
+    ids = jnp.zeros((batch, length), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32)[None], (batch, length))
+
+    def init():
+        return model.module.init(jax.random.PRNGKey(0), ids, jnp.ones_like(ids), init_cache=True,
+                                 return_dict=False, **_call_kwargs(model, pos))
+
+    return jax.eval_shape(init).get("cache", {})
 
 
 def make_greedy(model, lora_cfg: LoraConfig, max_new_tokens: int, eos_id: int | None):
@@ -48,6 +105,71 @@ def make_greedy(model, lora_cfg: LoraConfig, max_new_tokens: int, eos_id: int | 
     return jax.jit(gen)
 
 
+def make_greedy_cached(model, lora_cfg: LoraConfig, max_new_tokens: int, eos_id: int | None):
+    """Jitted ``gen(frozen, lora, buf[B, L], lengths[B]) -> (buf, lengths)``: greedy decoding
+    with a KV cache of length ``L``; same contract and tokens as :func:`make_greedy`.
+
+    Needs ``max(lengths) <= L - max_new_tokens`` (the prompt block is ``L - max_new_tokens``
+    wide): every row then has room for all its new tokens, as in the uncached buffer.
+    """
+    eos = -1 if eos_id is None else int(eos_id)
+    new = int(max_new_tokens)
+
+    def run(frozen, lora, cache, ids, mask, pos):
+        with lora_active(lora_cfg.scaling):
+            out, mut = model.module.apply({"params": frozen, "lora": lora, "cache": cache}, ids, mask,
+                                          deterministic=True, return_dict=False, mutable=["cache"],
+                                          **_call_kwargs(model, pos))
+        return out[0][:, -1].astype(jnp.float32), mut["cache"]
+
+    def gen(frozen, lora, buf, lengths):
+        b, L = buf.shape
+        P = L - new  # prompt block; the cache holds the prompt block and the new tokens
+        if new < 1:
+            return buf, lengths
+        if P < 1:
+            raise ValueError(f"buffer of {L} has no room for a prompt and {new} new tokens")
+        lengths = lengths.astype(jnp.int32)
+        shift = (P - lengths)[:, None]  # left pads of each row
+        col = jnp.arange(L, dtype=jnp.int32)[None]
+        src = jnp.arange(P, dtype=jnp.int32)[None] - shift
+        prompt = jnp.where(src >= 0, jnp.take_along_axis(buf, jnp.clip(src, 0, L - 1), axis=1), 0)
+        mask = (col >= shift).astype(jnp.int32)  # full cache length; the future is causally masked
+        cache = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), _cache_shapes(model, b, L))
+        logits, cache = run(frozen, lora, cache, prompt.astype(jnp.int32), mask, jnp.maximum(src, 0))
+
+        def emit(k, logits, out, count, done):
+            nxt = jnp.argmax(logits, axis=-1).astype(out.dtype)
+            write = (~done) & (lengths + count < L)
+            out = out.at[:, k].set(jnp.where(write, nxt, out[:, k]))
+            count = count + write.astype(count.dtype)
+            done = done | (nxt == eos) | (lengths + count >= L)
+            return nxt, out, count, done
+
+        out = jnp.zeros((b, new), buf.dtype)
+        count = jnp.zeros(b, jnp.int32)
+        nxt, out, count, done = emit(0, logits, out, count, jnp.zeros(b, bool))
+
+        def cond(carry):
+            k, _, _, _, _, done = carry
+            return (k < new) & ~jnp.all(done)
+
+        def body(carry):
+            k, cache, nxt, out, count, done = carry
+            # the token emitted at step k-1 sits at cache column P+k-1, position lengths+k-1
+            logits, cache = run(frozen, lora, cache, nxt[:, None].astype(jnp.int32), mask, (lengths + k - 1)[:, None])
+            nxt, out, count, done = emit(k, logits, out, count, done)
+            return k + 1, cache, nxt, out, count, done
+
+        _, _, _, out, count, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, nxt, out, count, done))
+        rel = col - lengths[:, None]  # back to the right-padded buffer: new token k at lengths + k
+        written = (rel >= 0) & (rel < count[:, None])
+        buf = jnp.where(written, jnp.take_along_axis(out, jnp.clip(rel, 0, new - 1), axis=1), buf)
+        return buf, lengths + count
+
+    return jax.jit(gen)
+
+
 def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
     """Mean ROUGE-1/2/L F1 (rouge-score, with stemming), in [0, 1]."""
     from rouge_score import rouge_scorer
@@ -70,7 +192,12 @@ class Evaluator:
         self._loss = make_eval_step(model, lora_cfg)
         longest = max((len(e.ids) - e.prompt_len for e in self.examples), default=16)
         self.max_new_tokens = max_new_tokens or min(bucket_for(longest, buckets(256)), 256)
-        self._gen: dict[int, Any] = {}
+        self._gen: dict[tuple[int, bool], Any] = {}
+
+    @functools.cached_property
+    def cache_unsupported(self) -> str | None:
+        """Why :meth:`generate` cannot use a KV cache with this model; None when it does."""
+        return kv_cache_support(self.model)
 
     def loss(self, lora, frozen) -> dict[str, float]:
         total, n = 0.0, 0.0
@@ -84,7 +211,6 @@ class Evaluator:
     def generate(self, lora, frozen, prompts: Sequence[np.ndarray]) -> list[list[int]]:
         """Greedy continuations (token ids, eos stripped) of tokenized prompts."""
         new = self.max_new_tokens
-        gen = self._gen.setdefault(new, make_greedy(self.model, self.lora_cfg, new, self.tokenizer.eos_token_id))
         out: list[list[int]] = []
         pad = self.tokenizer.pad_token_id
         for s in range(0, len(prompts), self.batch_size):
@@ -102,12 +228,23 @@ class Evaluator:
             for i, p in enumerate(chunk):
                 buf[i, :len(p)] = p
             lens = np.asarray([len(p) for p in chunk], np.int32)
+            # the cached decoder needs room for all `new` tokens after the longest prompt, which only
+            # a buffer cut to the position table can lack; such a chunk decodes without the cache
+            cached = self.cache_unsupported is None and int(lens.max()) <= width - new
+            gen = self._greedy(new, cached)
             res, res_len = to_host(gen(frozen, lora, buf, lens))
             for i in range(min(self.batch_size, len(prompts) - s)):
                 toks = res[i, lens[i]:res_len[i]].tolist()
                 eos = self.tokenizer.eos_token_id
                 out.append(toks[: toks.index(eos)] if eos in toks else toks)
         return out
+
+    def _greedy(self, new: int, cached: bool):
+        key = (new, cached)
+        if key not in self._gen:
+            make = make_greedy_cached if cached else make_greedy
+            self._gen[key] = make(self.model, self.lora_cfg, new, self.tokenizer.eos_token_id)
+        return self._gen[key]
 
     def rouge(self, lora, frozen, n: int = 32) -> dict[str, Any]:
         """ROUGE of greedy generations on the first ``n`` eval examples (plus a few samples)."""
