@@ -1,7 +1,9 @@
 """Training-memory model for LoRA from a model's shape (per GPU; gradient checkpointing optional).
 
 Checked against XLA's compiled memory analysis of the real train step
-(``benchmarks/memory_check.py``, table in ``benchmarks/RESULTS.md``).
+(``benchmarks/memory_check.py``, table in ``benchmarks/RESULTS.md``), on the CPU and, for
+explicit attention, in XLA's deviceless compile for an H200 (``--gpu h200``), which matched
+the H200's measured peak.
 
 The guide says "Memory ∝ batch_size × max_length²". That holds for the attention-score term
 only. Everything else that grows with the batch (hidden states, MLP activations, logits) grows
@@ -24,6 +26,9 @@ RUNTIME_FRACTION = 0.10  # allocator fragmentation and XLA temporaries, of every
 INT8_SCALE_BYTES = 4  # one fp32 scale per output row of each quantized linear (LLM.int8 style)
 ADAM_STATES = 2  # AdamW keeps m and v, fp32
 FUSED_LOSS_TYPES = ("llama", "mistral", "qwen2")  # trained through the project's port (chunked loss)
+PORT_TYPES = FUSED_LOSS_TYPES  # the project's Llama-family port (flax_lora.models.llama); others: transformers' Flax
+# softmax in float32 with bf16 weights: the port, and transformers' Flax BLOOM and Gemma (attention_softmax_in_fp32)
+FP32_SOFTMAX_TYPES = PORT_TYPES + ("bloom", "gemma")
 FUSED_CHUNK_BYTES = 128 * 2**20  # flax_lora.losses.TARGET_CHUNK_BYTES
 
 
@@ -37,6 +42,9 @@ class Setup(NamedTuple):
     precision: str = "bf16"
     quantization: str = "none"
     remat: bool = False  # gradient checkpointing per decoder layer
+    attention: str = "auto"  # "auto": flash where the Llama port picks it (GPU, bf16); "explicit": T^2 scores
+    scan: bool = False  # layers as one scan (the benchmarks' scan=True); `lora train` runs them unrolled
+    device: str = "gpu"  # "cpu": XLA:CPU (benchmarks/memory_check.py), which has no flash and no relayout copy
 
 
 def trainable_params(shape: ModelShape, r: int, targets: tuple[str, ...]) -> int:
@@ -73,14 +81,15 @@ def activation_elements_per_token(shape: ModelShape, r: int, n_targets: int) -> 
     return 4 * shape.hidden + q + 2 * kv + mlp + r * n_targets
 
 
-def quadratic_crossover(shape: ModelShape, r: int = 8, n_targets: int = 4, precision: str = "bf16") -> int | None:
+def quadratic_crossover(shape: ModelShape, r: int = 8, n_targets: int = 4, precision: str = "bf16",
+                        flash: bool | None = None) -> int | None:
     """The max_length above which the T² attention scores outweigh all per-token terms
-    (None: flash attention keeps no T² term at all)."""
-    if fused_attention(shape, precision):
+    (None: flash attention keeps no T² term at all; ``flash`` None: ``fused_attention``)."""
+    if fused_attention(shape, precision) if flash is None else flash:
         return None
     per_token = shape.n_layers * activation_elements_per_token(shape, r, n_targets) * BYTES[precision]
     per_token += 8 * shape.vocab  # fp32 logits + their gradient
-    return math.ceil(per_token / (shape.n_layers * attention_bytes_per_token(shape, 1, precision)))
+    return math.ceil(per_token / (shape.n_layers * attention_bytes_per_token(shape, 1, precision, False)))
 
 
 def fused_attention(shape: ModelShape, precision: str) -> bool:
@@ -91,27 +100,62 @@ def fused_attention(shape: ModelShape, precision: str) -> bool:
             and shape.head_dim % 8 == 0 and shape.head_dim <= 128)
 
 
-def attention_bytes_per_token(shape: ModelShape, max_length: int, precision: str) -> float:
-    """One layer's attention memory per token: float32 scores and the probabilities in the
-    compute dtype, or, with flash attention, only its float32 log-sum-exp per head."""
-    if fused_attention(shape, precision):
+def uses_flash(shape: ModelShape, s: Setup) -> bool:
+    """Whether this setup trains with flash attention: ``fused_attention``, on a GPU, unless
+    explicit scores were asked for (``LORA_ATTENTION=xla``)."""
+    if s.attention not in ("auto", "explicit") or s.device not in ("gpu", "cpu"):
+        raise ValueError(f"attention must be 'auto' or 'explicit', device 'gpu' or 'cpu': {s.attention!r}, {s.device!r}")
+    return s.attention == "auto" and s.device == "gpu" and fused_attention(shape, s.precision)
+
+
+def attention_bytes_per_token(shape: ModelShape, max_length: int, precision: str, flash: bool | None = None) -> float:
+    """One layer's attention memory per token, or, with flash attention, only its float32
+    log-sum-exp per head (``flash`` None: ``fused_attention``).
+
+    Explicit attention: the backward keeps two [B, H, T, T] buffers per layer, the softmax's
+    exponentials and the normalised probabilities (the P·V matmul's operand). The Llama port (and
+    transformers' Flax BLOOM and Gemma) take the softmax in float32 and cast the probabilities to
+    the compute dtype (4 + 2 bytes in bf16, 4 + 4 in fp32); transformers' other Flax classes
+    (GPT-2, OPT, GPT-Neo, GPT-J) take it in the compute dtype (2 + 2 in bf16). Checked in XLA's
+    compile for an H200 (the port: ``benchmarks/memory_check.py --gpu h200``; GPT-2, OPT, BLOOM).
+    """
+    if fused_attention(shape, precision) if flash is None else flash:
         return shape.n_heads * 4.0
-    return shape.n_heads * max_length * (4 + BYTES[precision])
+    softmax = 4 if shape.model_type in FP32_SOFTMAX_TYPES else BYTES[precision]
+    return shape.n_heads * max_length * (softmax + BYTES[precision])
+
+
+def scan_relayout_bytes_per_token(shape: ModelShape, s: Setup) -> float:
+    """The copy XLA:GPU makes of the scanned layers' float32 probabilities, per token.
+
+    With the layers as one scan, the forward loop stacks every layer's [B, H, T, T] float32
+    probabilities in the score matmul's output layout and the backward loop reads them in
+    another, so XLA transposes the whole stack (L layers) between the two loops; the copy and
+    the original are live together. Seen in the H200 compile of the Llama port (4 x 2048,
+    bf16: 32 GiB of probabilities, transposed once; the bf16 stack after it, when the float32
+    one is freed). Not on XLA:CPU, not for unrolled layers, not with remat (only layer inputs
+    are stacked) and not with flash attention (no T^2 buffer).
+    """
+    if not s.scan or s.remat or s.device != "gpu" or uses_flash(shape, s):
+        return 0.0
+    return shape.n_layers * shape.n_heads * s.max_length * 4.0
 
 
 def activation_bytes(shape: ModelShape, s: Setup, n_targets: int) -> float:
     """Activations kept for the backward pass, plus one layer's backward temporaries.
 
-    No remat: every layer's activations and attention scores, and the score gradients of the
-    layer being differentiated. Remat: each layer's input only, plus one layer recomputed
-    (its activations and scores, and one fp32 score gradient at a time: 1.5 x the scores).
+    No remat: every layer's activations and attention probabilities, the score gradients of
+    the layer being differentiated and, for scanned layers on a GPU, XLA's relayout copy of
+    the stacked float32 probabilities (``scan_relayout_bytes_per_token``). Remat: each layer's
+    input only, plus one layer recomputed (its activations and scores, and one fp32 score
+    gradient at a time: 1.5 x the scores).
     """
     tokens = s.batch * s.max_length
     per_layer = activation_elements_per_token(shape, s.r, n_targets) * BYTES[s.precision]
-    att = attention_bytes_per_token(shape, s.max_length, s.precision)
+    att = attention_bytes_per_token(shape, s.max_length, s.precision, uses_flash(shape, s))
     if s.remat:
         return tokens * (shape.n_layers * shape.hidden * BYTES[s.precision] + per_layer + 1.5 * att)
-    return tokens * (shape.n_layers * (per_layer + att) + att)
+    return tokens * (shape.n_layers * (per_layer + att) + att + scan_relayout_bytes_per_token(shape, s))
 
 
 def logits_bytes(shape: ModelShape, tokens: int) -> float:
@@ -149,7 +193,8 @@ def estimate(shape: ModelShape, s: Setup, vram_gb: float) -> MemoryEstimate:
     raw = breakdown(shape, s)
     total = sum(raw.values()) / GIB
     parts = {k: round(v / GIB, 3) for k, v in raw.items()}
-    crossover = quadratic_crossover(shape, s.r, len(s.targets), s.precision)
+    flash = uses_flash(shape, s)
+    crossover = quadratic_crossover(shape, s.r, len(s.targets), s.precision, flash)
     return MemoryEstimate(
         total_gb=round(total, 3),
         breakdown_gb=parts,
@@ -163,8 +208,11 @@ def estimate(shape: ModelShape, s: Setup, vram_gb: float) -> MemoryEstimate:
             + "; LoRA params, gradients and AdamW m/v in fp32",
             ("gradient checkpointing per layer" if s.remat else "no gradient checkpointing")
             + ("; flash attention (cuDNN, GPU bf16): no T^2 attention scores"
-               if fused_attention(shape, s.precision)
-               else "; attention scores materialized (batch x heads x T^2 per layer, fp32 + compute dtype)"),
+               if flash
+               else "; attention probabilities materialized (batch x heads x T^2 per layer: softmax exponentials in "
+               + ("fp32" if shape.model_type in FP32_SOFTMAX_TYPES else s.precision) + " + probabilities in " + s.precision + ")"
+               + (", plus XLA's relayout copy of the scanned layers' fp32 probabilities"
+                  if scan_relayout_bytes_per_token(shape, s) else "")),
             "chunked fused cross-entropy (no full logits)" if shape.model_type in FUSED_LOSS_TYPES
             else "logits and their gradient in fp32 (batch x T x vocab)",
             f"runtime overhead: {RUNTIME_FIXED_GB} GB context + {RUNTIME_FRACTION:.0%} of the rest",

@@ -18,7 +18,9 @@ def test_gpt2_bf16_by_hand():
     assert lora == memory.trainable_params(shape, 8, s.targets) == 811_008
     # per token per layer: 4h + q + 2kv + 2*inter + r*3 modules, + heads*T scores
     per_token = (4 * 768 + 768 + 2 * 768 + 2 * 3072 + 8 * 3) * 2  # bf16 bytes
-    scores = 12 * 128 * (4 + 2)  # per token per layer: fp32 scores + bf16 probabilities
+    # per token per layer: softmax exponentials + probabilities, both bf16 (transformers' Flax GPT-2
+    # takes the softmax in the compute dtype)
+    scores = 12 * 128 * (2 + 2)
     expected = {
         "frozen_weights": params * 2,
         "lora_params": lora * 4,
@@ -97,7 +99,7 @@ def test_where_the_guides_quadratic_rule_holds():
     """Below the crossover doubling T roughly doubles the batch-dependent memory; far above, ~4x."""
     shape = catalog.lookup("gpt2")
     t_star = memory.quadratic_crossover(shape, r=8, n_targets=3)
-    # GPT-2: the linear terms dominate up to ~800 tokens (scores: fp32 + bf16 per element)
+    # GPT-2: the linear terms dominate up to ~1,200 tokens (exponentials + probabilities, bf16)
     assert 500 < t_star < 20000
 
     def batch_part(t):
@@ -114,3 +116,64 @@ def test_trainable_params_grow_linearly_in_r():
     assert memory.trainable_params(shape, 16, names) == 2 * memory.trainable_params(shape, 8, names)
     # r=8 on OPT-1.3B full attention: 24 layers x 4 modules x 8 x (2048 + 2048)
     assert memory.trainable_params(shape, 8, catalog.preset_modules("opt", "attention")) == 24 * 4 * 8 * 4096
+
+
+def test_scanned_explicit_attention_keeps_a_relayout_copy_by_hand():
+    """Explicit attention with the layers as one scan (the H200 benchmark: Llama-3.2-1B shape,
+    4 x 2048, bf16, LORA_ATTENTION=xla): every layer's fp32 probabilities and their bf16 copy are
+    stacked, and XLA:GPU transposes the fp32 stack between the forward and backward loops, so a
+    second fp32 copy of all 16 layers' [4, 32, 2048, 2048] probabilities is live at the peak."""
+    shape = catalog.lookup("llama-3.2-1b")
+    s = Setup(8, ("q_proj", "k_proj", "v_proj", "o_proj"), 4, 2048, attention="explicit", scan=True)
+    tokens = 4 * 2048
+    per_token = (4 * 2048 + 2048 + 2 * 512 + 3 * 8192 + 8 * 4) * 2  # bf16
+    probs = 32 * 2048 * (4 + 2)  # per token per layer: fp32 probabilities + their bf16 copy
+    relayout = 16 * 32 * 2048 * 4  # per token: the transposed copy of the 16 layers' fp32 stack
+    assert memory.scan_relayout_bytes_per_token(shape, s) == relayout
+    got = memory.breakdown(shape, s)
+    assert got["activations"] == tokens * (16 * (per_token + probs) + probs + relayout)
+    assert relayout * tokens == 32 * GIB  # the missing 32 GiB: one more fp32 [B, H, T, T] per layer
+    # measured on the H200 (peak_bytes_in_use): 98.4 GiB; the estimate is within 10%
+    assert 0.9 < memory.estimate(shape, s, vram_gb=141).total_gb / 98.4 < 1.1
+    # the same run with cuDNN flash attention (the default there): 17.3 GiB measured, within 25%
+    assert 0.75 < memory.estimate(shape, s._replace(attention="auto"), vram_gb=141).total_gb / 17.3 < 1.25
+
+
+def test_no_relayout_copy_unrolled_on_cpu_with_remat_or_flash():
+    """`lora train` runs the layers unrolled (nothing stacked); XLA:CPU keeps one layout; remat
+    stacks only layer inputs; flash attention has no [B, H, T, T] buffer."""
+    shape = catalog.lookup("llama-3.2-1b")
+    s = Setup(8, ("q_proj",), 1, 1024, attention="explicit", scan=True)
+    assert memory.scan_relayout_bytes_per_token(shape, s) > 0
+    for other in (s._replace(scan=False), s._replace(device="cpu"), s._replace(remat=True),
+                  s._replace(attention="auto")):
+        assert memory.scan_relayout_bytes_per_token(shape, other) == 0
+    # unrolled explicit attention: the probabilities of every layer, once
+    per_token = (4 * 2048 + 2048 + 2 * 512 + 3 * 8192 + 8) * 2
+    probs = 32 * 1024 * 6
+    assert memory.breakdown(shape, s._replace(scan=False))["activations"] == 1024 * (16 * (per_token + probs) + probs)
+    # on XLA:CPU the Llama port never uses flash attention, so "auto" means explicit there
+    cpu = s._replace(scan=False, attention="auto", device="cpu")
+    assert memory.breakdown(shape, cpu) == memory.breakdown(shape, s._replace(scan=False))
+    assert "relayout" in " ".join(memory.estimate(shape, s, 80).assumptions)
+    assert "relayout" not in " ".join(memory.estimate(shape, cpu, 80).assumptions)
+
+
+def test_unknown_attention_or_device_is_refused():
+    shape = catalog.lookup("gpt2")
+    with pytest.raises(ValueError):
+        memory.breakdown(shape, Setup(8, ("c_attn",), 1, 128, attention="flash"))
+    with pytest.raises(ValueError):
+        memory.breakdown(shape, Setup(8, ("c_attn",), 1, 128, device="tpu"))
+
+
+def test_softmax_dtype_by_family():
+    """Two [B, H, T, T] buffers per layer (exponentials, probabilities): the Llama port, BLOOM and
+    Gemma take the softmax in fp32 (4 + 2 bytes in bf16); GPT-2, OPT, GPT-Neo, GPT-J in bf16 (2 + 2);
+    fp32 training: 4 + 4 for all."""
+    t = 1000
+    for name, bf16 in (("gpt2", 2 + 2), ("facebook/opt-125m", 2 + 2), ("bigscience/bloom-560m", 4 + 2),
+                       ("google/gemma-2b", 4 + 2), ("llama-3.2-1b", 4 + 2)):
+        shape = catalog.lookup(name)
+        assert memory.attention_bytes_per_token(shape, t, "bf16", flash=False) == shape.n_heads * t * bf16
+        assert memory.attention_bytes_per_token(shape, t, "fp32", flash=False) == shape.n_heads * t * 8
