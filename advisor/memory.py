@@ -43,7 +43,7 @@ class Setup(NamedTuple):
     quantization: str = "none"
     remat: bool = False  # gradient checkpointing per decoder layer
     attention: str = "auto"  # "auto": flash where the Llama port picks it (GPU, bf16); "explicit": T^2 scores
-    scan: bool = False  # layers as one scan (the benchmarks' scan=True); `lora train` runs them unrolled
+    scan: bool | None = None  # layers as one scan; None: as `lora train` loads them (the port scans, others don't)
     device: str = "gpu"  # "cpu": XLA:CPU (benchmarks/memory_check.py), which has no flash and no relayout copy
 
 
@@ -134,9 +134,12 @@ def scan_relayout_bytes_per_token(shape: ModelShape, s: Setup) -> float:
     the original are live together. Seen in the H200 compile of the Llama port (4 x 2048,
     bf16: 32 GiB of probabilities, transposed once; the bf16 stack after it, when the float32
     one is freed). Not on XLA:CPU, not for unrolled layers, not with remat (only layer inputs
-    are stacked) and not with flash attention (no T^2 buffer).
+    are stacked) and not with flash attention (no T^2 buffer). ``Setup.scan`` None: the
+    Llama-family port scans its layers (as ``lora train`` loads it), transformers' Flax classes
+    cannot.
     """
-    if not s.scan or s.remat or s.device != "gpu" or uses_flash(shape, s):
+    scan = shape.model_type in PORT_TYPES if s.scan is None else s.scan
+    if not scan or s.remat or s.device != "gpu" or uses_flash(shape, s):
         return 0.0
     return shape.n_layers * shape.n_heads * s.max_length * 4.0
 

@@ -148,6 +148,10 @@ def test_no_relayout_copy_unrolled_on_cpu_with_remat_or_flash():
     for other in (s._replace(scan=False), s._replace(device="cpu"), s._replace(remat=True),
                   s._replace(attention="auto")):
         assert memory.scan_relayout_bytes_per_token(shape, other) == 0
+    # scan None (the default): as `lora train` loads the model; the Llama port scans, GPT-2 cannot
+    assert memory.scan_relayout_bytes_per_token(shape, s._replace(scan=None)) > 0
+    gpt2 = catalog.lookup("gpt2")
+    assert memory.scan_relayout_bytes_per_token(gpt2, Setup(8, ("c_attn",), 1, 1024, precision="fp32")) == 0
     # unrolled explicit attention: the probabilities of every layer, once
     per_token = (4 * 2048 + 2048 + 2 * 512 + 3 * 8192 + 8) * 2
     probs = 32 * 1024 * 6
