@@ -21,7 +21,7 @@ from flax_lora.io import atomic_write_json, atomic_write_text, inside
 # Fields a --resume may change without it being "a different run" (learning_rate: the divergence
 # guard's remedy is ``--resume --learning-rate X``).
 RESUMABLE = {"max_steps", "epochs", "total_steps", "save_every", "eval_every", "log_every", "learning_rate",
-             "on_bad_row", "on_divergence", "shard_frozen"}
+             "on_bad_row", "on_divergence", "shard_frozen", "remat"}
 DIVERGENCE = ("stop", "halve-lr")
 MAX_LR_HALVINGS = 3  # --on-divergence halve-lr: rollbacks before giving up
 
@@ -67,6 +67,7 @@ class RunConfig:
     on_bad_row: str = "skip"  # skip | fail (flax_lora.rows)
     on_divergence: str = "stop"  # stop | halve-lr
     shard_frozen: bool = False  # split the frozen weights over the devices (flax_lora.parallel)
+    remat: bool = False  # gradient checkpointing: recompute each layer's activations in the backward pass
     demo: bool = False
     resolved: dict[str, Any] = field(default_factory=dict)  # filled by the trainer: targets, format, sizes
 

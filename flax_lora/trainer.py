@@ -144,7 +144,7 @@ def build(cfg: RunConfig, rd: RunDir, *, with_train: bool = True) -> Setup:
     if cfg.quantization not in QUANTIZATION:
         raise UserError(f"quantization {cfg.quantization!r}: use one of {', '.join(QUANTIZATION)}")
     tokenizer = load_tokenizer(model_src)
-    model = load_model(model_src, dtype=dtype)
+    model = load_model(model_src, dtype=dtype, scan=True, remat=cfg.remat)  # scan where the family can
     linears = model.linears()  # found on the float weights
     if cfg.quantization == "int8":
         from flax_lora.quant import quantize_params
@@ -162,12 +162,13 @@ def build(cfg: RunConfig, rd: RunDir, *, with_train: bool = True) -> Setup:
 
         lora_init, acfg = load_any_adapter(cfg.adapter, linears, model.model_type)
         targets = {p: linears[p] for p in lora_paths(lora_init)}
+        lora_init = model.stack_lora(lora_init)
         lora_cfg = LoraConfig(acfg.r, acfg.alpha, cfg.dropout, acfg.use_rslora)
     else:
         targets = resolve_targets(linears, model.model_type, preset=cfg.target_preset, modules=cfg.target_modules)
         lora_cfg = LoraConfig(cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora)
     cfg.resolved.update(
-        model_type=model.model_type, data_format=fmt.describe(), train_examples=len(train_ex) or cfg.resolved.get("train_examples"),
+        model_type=model.model_type, scan_layers=model.layers_stacked, data_format=fmt.describe(), train_examples=len(train_ex) or cfg.resolved.get("train_examples"),
         eval_examples=len(eval_ex), targets=sorted(targets), scaling=lora_cfg.scaling,
     )
     return Setup(cfg, model, tokenizer, train_ex, eval_ex, linears, targets, lora_cfg, reports, lora_init)
@@ -318,7 +319,8 @@ def _train(cfg: RunConfig, resume: bool, advice_json: str | None, quiet: bool, n
 
     frozen = dp.put_frozen(s.model.params) if dp else s.model.params
     optimizer, step_fn = compile_step(cfg.learning_rate)
-    lora0 = s.init_lora if s.init_lora is not None else init_lora(s.targets, cfg.r, jax.random.PRNGKey(cfg.seed))
+    lora0 = (s.init_lora if s.init_lora is not None
+             else s.model.stack_lora(init_lora(s.targets, cfg.r, jax.random.PRNGKey(cfg.seed))))
     state = place(init_state(lora0, optimizer, cfg.seed))
     flops_per_token = perf.model_flops_fn(s.model.params, lora0, s.model.config)  # of the padded length
     ckpt = Checkpoints(rd.checkpoints, keep=cfg.keep_checkpoints)
@@ -473,7 +475,7 @@ def _train(cfg: RunConfig, resume: bool, advice_json: str | None, quiet: bool, n
             bar.close()
         ckpt.close()
     if primary:
-        save_adapter(rd.adapter, to_host(state.lora), s.lora_cfg, s.linears,
+        save_adapter(rd.adapter, s.model.unstack_lora(to_host(state.lora), keep=s.targets), s.lora_cfg, s.linears,
                      target_modules=shortest_names(s.targets, s.linears), base_model=cfg.resolved.get("model_path", cfg.model),
                      model_type=s.model.model_type)
     train_mfu = (perf.mfu(steady_tokens / steady_time, steady_flops / max(steady_tokens, 1), device_kind, n_dev)
@@ -508,4 +510,5 @@ def load_run(run_dir: str | Path, *, data: str | None = None):
         cfg.resolved.pop("eval_data_path", None)
     s = build(cfg, rd, with_train=False)
     lora, _, _, _ = load_adapter(rd.adapter)
+    lora = s.model.stack_lora(lora)
     return s, lora

@@ -46,6 +46,7 @@ class CausalLM:
     model_type: str
     source: str  # Hub id or local folder (or "demo")
     dtype: Any = jnp.float32  # compute dtype of the frozen weights and matmuls
+    layers_stacked: bool = False  # params (and adapters) hold the decoder layers stacked [L, ...] (scan)
     takes_position_ids: bool = field(init=False)
 
     def __post_init__(self):
@@ -68,11 +69,47 @@ class CausalLM:
         return out[0]
 
     def linears(self):
-        """All linear modules of the model (path -> LinearInfo), found without computing."""
+        """All linear modules of the model (path -> LinearInfo), found without computing.
+
+        Always per layer (``model/layers/3/self_attn/q_proj``), stacked layers too: adapters,
+        targets and exports name layers the same way whether the model scans or not.
+        """
         from flax_lora.lora import discover_linears
 
         ids = jnp.zeros((1, 8), jnp.int32)
+        if self.layers_stacked:
+            from flax_lora.models.llama import param_shapes
+
+            flat = CausalLM(self.module.clone(scan=False, remat=False), None, self.config, self.model_type,
+                            self.source, self.dtype)
+            return discover_linears(lambda p: flat.logits({"params": p}, ids, jnp.ones_like(ids)),
+                                    param_shapes(flat.module))
         return discover_linears(lambda p: self.logits({"params": p}, ids, jnp.ones_like(ids)), self.params)
+
+    def stack_lora(self, lora):
+        """A per-layer adapter tree in this model's layout (stacked [L, ...] when the layers scan).
+
+        A layer without an adapter gets zeros: an exact zero delta that stays zero in training
+        (its gradients are zero), dropped again by :meth:`unstack_lora`'s ``keep``.
+        """
+        if not self.layers_stacked or not lora:
+            return lora
+        from flax_lora.models.llama import stack_layers
+
+        return stack_layers(lora, self.config.num_hidden_layers, fill_missing=True)
+
+    def unstack_lora(self, lora, keep=None):
+        """The per-layer adapter tree of ``lora`` (this model's layout), only the ``keep`` modules if given."""
+        from flax.traverse_util import flatten_dict, unflatten_dict
+
+        if self.layers_stacked:
+            from flax_lora.models.llama import unstack_layers
+
+            lora = unstack_layers(lora)
+        if keep is None:
+            return lora
+        keep = set(keep)
+        return unflatten_dict({k: v for k, v in flatten_dict(dict(lora)).items() if "/".join(k[:-1]) in keep})
 
     @property
     def max_positions(self) -> int | None:
@@ -88,13 +125,30 @@ class CausalLM:
         return eos[0] if isinstance(eos, (list, tuple)) else eos
 
 
-def load_model(source: str, *, dtype=jnp.float32, config=None) -> CausalLM:
-    """Load a causal LM from a Hub id or a local folder, frozen weights cast to ``dtype``."""
+def load_model(source: str, *, dtype=jnp.float32, config=None, scan: bool = False, remat: bool = False) -> CausalLM:
+    """Load a causal LM from a Hub id or a local folder, frozen weights cast to ``dtype``.
+
+    ``scan``: run the decoder layers as one scanned layer (one layer to compile, not L) where
+    the family's loader can (the Llama port); elsewhere it is ignored (``layers_stacked`` says
+    which). ``remat``: recompute each layer's activations in the backward pass (gradient
+    checkpointing); a family without it is a UserError.
+    """
     from flax_lora.models import hf
 
     config = config if config is not None else hf.load_config(source)
     loader = REGISTRY.get(config.model_type, hf.load_hf)
-    return loader(source, config, dtype=dtype)
+    takes = inspect.signature(loader).parameters
+    kwargs = {}
+    if "scan" in takes:
+        kwargs["scan"] = scan
+    if remat:
+        if "remat" not in takes:
+            from flax_lora.errors import UserError
+
+            raise UserError(f"gradient checkpointing (--remat) is not available for model type {config.model_type!r} "
+                            "(transformers' Flax class has none); it is for llama, mistral and qwen2")
+        kwargs["remat"] = True
+    return loader(source, config, dtype=dtype, **kwargs)
 
 
 def load_tokenizer(source: str):

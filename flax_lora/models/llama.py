@@ -503,8 +503,10 @@ def load_causal_lm(source: str, config=None, *, dtype=jnp.float32, scan: bool = 
     from flax_lora.models.hf import resolve
 
     folder = resolve(source)
+    config = config if config is not None else load_config(folder)
+    scan = scan and len(set(layer_windows(config))) == 1  # scan needs one attention window for all layers
     module, params, config = load_llama(folder, dtype, dtype, scan=scan, remat=remat, config=config)
-    return CausalLM(module, params, config, config.model_type, source, dtype)
+    return CausalLM(module, params, config, config.model_type, source, dtype, layers_stacked=scan)
 
 
 def causal_lm_from_config(config, *, dtype=jnp.float32, seed: int = 0, source: str = "config"):
