@@ -105,12 +105,19 @@ def make_greedy(model, lora_cfg: LoraConfig, max_new_tokens: int, eos_id: int | 
     return jax.jit(gen)
 
 
-def make_greedy_cached(model, lora_cfg: LoraConfig, max_new_tokens: int, eos_id: int | None):
+PREFILL_CHUNK = 512  # prompt tokens per prefill call: caps explicit attention scores at [B, H, 512, L]
+
+
+def make_greedy_cached(model, lora_cfg: LoraConfig, max_new_tokens: int, eos_id: int | None, *,
+                       prefill_chunk: int = PREFILL_CHUNK):
     """Jitted ``gen(frozen, lora, buf[B, L], lengths[B]) -> (buf, lengths)``: greedy decoding
     with a KV cache of length ``L``; same contract and tokens as :func:`make_greedy`.
 
     Needs ``max(lengths) <= L - max_new_tokens`` (the prompt block is ``L - max_new_tokens``
-    wide): every row then has room for all its new tokens, as in the uncached buffer.
+    wide): every row then has room for all its new tokens, as in the uncached buffer. A prompt
+    block that is a multiple of ``prefill_chunk`` wider than it is prefilled chunk by chunk (a
+    cached call attends over the whole cache with explicit scores: [B, H, P, L] in fp32 for the
+    whole block at once would be ~9 GB at 16 x 2048 with 32 heads).
     """
     eos = -1 if eos_id is None else int(eos_id)
     new = int(max_new_tokens)
@@ -136,7 +143,16 @@ def make_greedy_cached(model, lora_cfg: LoraConfig, max_new_tokens: int, eos_id:
         prompt = jnp.where(src >= 0, jnp.take_along_axis(buf, jnp.clip(src, 0, L - 1), axis=1), 0)
         mask = (col >= shift).astype(jnp.int32)  # full cache length; the future is causally masked
         cache = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), _cache_shapes(model, b, L))
-        logits, cache = run(frozen, lora, cache, prompt.astype(jnp.int32), mask, jnp.maximum(src, 0))
+        prompt, pos = prompt.astype(jnp.int32), jnp.maximum(src, 0)
+        c = prefill_chunk if P > prefill_chunk and P % prefill_chunk == 0 else P
+        logits, cache = run(frozen, lora, cache, prompt[:, :c], mask, pos[:, :c])
+        if c < P:
+            def chunk(i, carry):
+                cache, _ = carry
+                part = lambda x: jax.lax.dynamic_slice_in_dim(x, i * c, c, axis=1)
+                return run(frozen, lora, cache, part(prompt), mask, part(pos))[::-1]
+
+            cache, logits = jax.lax.fori_loop(1, P // c, chunk, (cache, logits))
 
         def emit(k, logits, out, count, done):
             nxt = jnp.argmax(logits, axis=-1).astype(out.dtype)

@@ -126,6 +126,11 @@ def test_cached_greedy_matches_uncached(case):
     got, got_len = jax.device_get(make_greedy_cached(model, LORA_CFG, NEW, eos)(model.params, lora, buf, lens))
     np.testing.assert_array_equal(got_len, want_len, err_msg=name)
     np.testing.assert_array_equal(got, want, err_msg=name)
+    # the prompt block prefilled in 4 chunks of 4 (long prompts on a GPU): the same tokens
+    chunked = make_greedy_cached(model, LORA_CFG, NEW, eos, prefill_chunk=4)
+    got, got_len = jax.device_get(chunked(model.params, lora, buf, lens))
+    np.testing.assert_array_equal(got_len, want_len, err_msg=f"{name}, chunked prefill")
+    np.testing.assert_array_equal(got, want, err_msg=f"{name}, chunked prefill")
     for i, n in enumerate(want_len):  # a row stops right after its first eos
         gen = want[i, lens[i]:n].tolist()
         assert eos not in gen[:-1] and (gen[-1] == eos or n == lens[i] + NEW)
