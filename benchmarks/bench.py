@@ -85,7 +85,8 @@ class CompileCounter:
         jax.monitoring.register_event_duration_secs_listener(listener)
 
 
-def advisor_estimate_gb(shape: dict, *, r, targets, batch, seq, precision, quantization, remat) -> float | None:
+def advisor_estimate_gb(shape: dict, *, r, targets, batch, seq, precision, quantization, remat, scan=True,
+                        platform="gpu") -> float | None:
     """The advisor's memory estimate (GiB) for this shape and setup; None if it fails."""
     try:
         from advisor.memory import GIB, Setup, breakdown
@@ -97,8 +98,11 @@ def advisor_estimate_gb(shape: dict, *, r, targets, batch, seq, precision, quant
             intermediate=shape["intermediate"], vocab=shape["vocab"], tied_embeddings=shape["tied_embeddings"],
             params=llama_params(shape),
         )
+        # LORA_ATTENTION=xla forces the port's explicit-score attention (what the advisor calls "explicit")
+        attention = "explicit" if os.environ.get("LORA_ATTENTION") == "xla" else "auto"
         setup = Setup(r=r, targets=tuple(targets), batch=batch, max_length=seq, precision=precision,
-                      quantization=quantization, **({"remat": remat} if "remat" in Setup._fields else {}))
+                      quantization=quantization, remat=remat, attention=attention, scan=scan,
+                      device="cpu" if platform == "cpu" else "gpu")
         return sum(breakdown(ms, setup).values()) / GIB
     except Exception as exc:  # the advisor is optional here
         print(f"  (advisor estimate unavailable: {type(exc).__name__}: {exc})", file=sys.stderr)
@@ -429,7 +433,7 @@ def main(argv=None) -> int:
             if "error" not in res:
                 res["advisor_estimate_gb"] = advisor_estimate_gb(
                     shape, r=args.r, targets=targets, batch=args.batch, seq=args.seq, precision=prec,
-                    quantization=args.quantization, remat=args.remat)
+                    quantization=args.quantization, remat=args.remat, scan=args.scan, platform=res.get("platform"))
             result["ours"][prec] = res
             if "error" in res:
                 print(f"flax_lora {prec}: ERROR {res['error']}", flush=True)
