@@ -219,8 +219,10 @@ def advise(request: AdviceRequest) -> Advice:
     reasons.add("training.learning_rate", lr, why)
 
     # --- batch size and quantization against the memory model -------------------------------
-    def setup(batch: int, quant: str, length: int = max_length, rank: int = r) -> Setup:
-        return Setup(rank, targets, batch, length, precision, quant)
+    remat = False  # gradient checkpointing: turned on below only when batch 1 does not fit without it
+
+    def setup(batch: int, quant: str, length: int = max_length, rank: int = r, with_remat: bool | None = None) -> Setup:
+        return Setup(rank, targets, batch, length, precision, quant, remat=remat if with_remat is None else with_remat)
 
     def need(s: Setup) -> float:
         return sum(memory.breakdown(shape, s).values()) / GIB
@@ -237,6 +239,26 @@ def advise(request: AdviceRequest) -> Advice:
         warnings.append(f"the model does not fit in {precision} even at batch 1 ({_gb(plain_b1)} > {vram:g} GB): "
                         f"advised int8 quantization, saving {_gb(int8_saves)}")
     reasons.add("training.quantization", quant, quant_why)
+
+    # Not in the guide: recomputing each layer's activations in the backward pass (about a third
+    # more compute) is the next lever once batch 1 does not fit; the project's Llama port has it.
+    remat_ok = shape.model_type in memory.PORT_TYPES
+    if need(setup(1, quant)) > vram and remat_ok and req.gradient_checkpointing is not False:
+        remat_saves = need(setup(1, quant)) - need(setup(1, quant, with_remat=True))
+        remat_why = (f"batch 1 needs {_gb(need(setup(1, quant)))} > {vram:g} GB with {quant} weights: recomputing "
+                     f"each layer's activations in the backward pass saves {_gb(remat_saves)} "
+                     "for about a third more compute (not in the guide)")
+        warnings.append(f"advised gradient checkpointing (lora train --remat): {remat_why}")
+        remat = True
+    elif req.gradient_checkpointing is not None:
+        remat = bool(req.gradient_checkpointing) and remat_ok
+        remat_why = "given" if remat or not req.gradient_checkpointing else (
+            f"asked for, but not available for model type {shape.model_type} (transformers' Flax class has none)")
+    elif remat_ok:
+        remat_why = "off: batch 1 fits without recomputing activations"
+    else:
+        remat_why = f"off: not available for model type {shape.model_type} (transformers' Flax class has none)"
+    reasons.add("training.gradient_checkpointing", remat, remat_why)
 
     ceiling, ceiling_why = _batch_ceiling(req, recipe)
     per_gpu_samples = math.ceil(samples / req.gpus)
@@ -264,7 +286,13 @@ def advise(request: AdviceRequest) -> Advice:
     if need(setup(1, quant)) > vram:
         remedies = []
         if quant != "int8":
-            remedies.append(f"int8 quantization saves {_gb(int8_saves)}")
+            remedies.append(f"int8 quantization saves {_gb(need(setup(1, quant)) - need(setup(1, 'int8')))}")
+        if remat_ok and not remat:
+            remedies.append(f"gradient checkpointing (--remat) saves "
+                            f"{_gb(need(setup(1, quant)) - need(setup(1, quant, with_remat=True)))}")
+        if req.gpus > 1:
+            frozen = memory.breakdown(shape, setup(1, quant))["frozen_weights"] / GIB
+            remedies.append(f"--shard-frozen over the {req.gpus} GPUs saves {_gb(frozen * (1 - 1 / req.gpus))} per GPU")
         shorter = next((n for n in range(max_length - T.LENGTH_MULTIPLE, 0, -T.LENGTH_MULTIPLE)
                         if need(setup(1, quant, n)) <= vram), None)
         shorter = shorter or max(T.LENGTH_MULTIPLE, max_length // 2)
@@ -350,7 +378,7 @@ def advise(request: AdviceRequest) -> Advice:
             epochs=epochs, per_device_batch_size=batch, gradient_accumulation_steps=accum,
             effective_batch_size=effective, gpus=req.gpus, learning_rate=lr, lr_schedule=schedule,
             warmup_steps=warmup, max_length=max_length, precision=precision, quantization=quant,
-            total_steps=total_steps,
+            gradient_checkpointing=remat, total_steps=total_steps,
         ),
         memory=estimate,
         trainable_params=trainable,

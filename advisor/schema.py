@@ -69,6 +69,7 @@ class AdviceRequest(_Strict):
     target_modules: tuple[str, ...] | TargetPreset | None = None
     quantization: Quantization | None = None
     precision: Precision | None = None
+    gradient_checkpointing: bool | None = None  # None: only when batch 1 does not fit without it
 
     @field_validator("model_params", mode="before")
     @classmethod
@@ -129,6 +130,7 @@ class TrainingAdvice(_Strict):
     max_length: PositiveInt
     precision: Precision
     quantization: Quantization = "none"
+    gradient_checkpointing: bool = False  # lora train --remat
     total_steps: PositiveInt
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0

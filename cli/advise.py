@@ -95,6 +95,8 @@ def _targets(value: str | None):
 @click.option("--targets", help="Preset (attention-qv, attention, attention-mlp) or module names a,b,c.")
 @click.option("--quantization", type=_choice(schema.Quantization))
 @click.option("--precision", type=_choice(schema.Precision))
+@click.option("--remat/--no-remat", "gradient_checkpointing", default=None,
+              help="Gradient checkpointing on/off (default: on only when batch 1 does not fit without it).")
 @click.option("--json", "as_json", is_flag=True, help="Print the advice as JSON.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the advice JSON here (atomically).")
 def advise(vram, task, targets, grad_accum, as_json, output, **fields) -> None:

@@ -40,7 +40,7 @@ def config_from_advice(advice, *, model: str | None, data: str | None, output: s
                     epochs=tr.epochs, batch_size=tr.per_device_batch_size, grad_accum=tr.gradient_accumulation_steps,
                     max_length=tr.max_length, learning_rate=tr.learning_rate, lr_schedule=tr.lr_schedule,
                     warmup_steps=tr.warmup_steps, weight_decay=tr.weight_decay, max_grad_norm=tr.max_grad_norm,
-                    precision=tr.precision, quantization=tr.quantization)
+                    precision=tr.precision, quantization=tr.quantization, remat=tr.gradient_checkpointing)
     if is_demo:
         base.update(demo_mod.OVERRIDES)
     overrides = {k: v for k, v in overrides.items() if v is not None}

@@ -149,7 +149,8 @@ def test_remedies_in_order_with_their_savings():
     assert w.index("int8") < w.index("max_length") < w.index("r 16 -> 8")
     shape, targets = a.model, a.lora.target_modules
     gb = lambda s: sum(memory.breakdown(shape, s).values()) / memory.GIB  # noqa: E731
-    base = Setup(16, targets, 1, 2048)
+    assert a.training.gradient_checkpointing  # turned on first: batch 1 does not fit without it
+    base = Setup(16, targets, 1, 2048, remat=True)
     assert f"int8 quantization saves {gb(base) - gb(base._replace(quantization='int8')):.2f} GB" in w
     assert f"r 16 -> 8 saves {gb(base) - gb(base._replace(r=8)):.2f} GB" in w
 
@@ -221,3 +222,37 @@ def test_bad_requests_are_advice_errors(fields, needle):
     with pytest.raises(AdviceError, match=needle) as info:
         advise(**fields)
     assert "\n" not in str(info.value)
+
+
+def test_gradient_checkpointing_only_when_batch_one_does_not_fit():
+    a = advise(samples=3000, vram_gb=12)
+    assert a.training.gradient_checkpointing is False
+    assert reason(a, "training.gradient_checkpointing").startswith("off: batch 1 fits")
+    # 3 GB: int8 first (the guide's lever), then recomputing activations makes batch 1 fit
+    b = advise(samples=3000, vram_gb=3, model="llama-3.2-1b")
+    assert b.training.quantization == "int8" and b.training.gradient_checkpointing and b.memory.fits
+    no_remat = Setup(b.lora.r, b.lora.target_modules, 1, b.training.max_length, quantization="int8")
+    assert not memory.fits(b.model, no_remat, 3) and memory.fits(b.model, no_remat._replace(remat=True), 3)
+    assert any("advised gradient checkpointing (lora train --remat)" in w for w in b.warnings)
+    # the user's choice wins either way
+    c = advise(samples=3000, vram_gb=3, model="llama-3.2-1b", gradient_checkpointing=False)
+    assert c.training.gradient_checkpointing is False and not c.memory.fits
+    assert any("gradient checkpointing (--remat) saves" in w for w in c.warnings)  # offered as a remedy
+    assert advise(samples=3000, vram_gb=24, gradient_checkpointing=True).training.gradient_checkpointing
+
+
+def test_gradient_checkpointing_is_not_advised_where_the_trainer_has_none():
+    a = advise(samples=3000, vram_gb=1, model="gpt2-medium")
+    assert a.training.gradient_checkpointing is False
+    assert "not available for model type gpt2" in reason(a, "training.gradient_checkpointing")
+    b = advise(samples=3000, vram_gb=24, model="gpt2", gradient_checkpointing=True)
+    assert b.training.gradient_checkpointing is False and "asked for, but not available" in reason(
+        b, "training.gradient_checkpointing")
+
+
+def test_several_gpus_offer_sharded_frozen_weights_when_nothing_fits():
+    a = advise(samples=3000, vram_gb=4, model="llama-3.1-8b", gpus=4)
+    (w,) = [w for w in a.warnings if w.startswith("does not fit even at batch 1")]
+    frozen = memory.breakdown(a.model, Setup(a.lora.r, a.lora.target_modules, 1, a.training.max_length,
+                                             quantization=a.training.quantization, remat=True))["frozen_weights"]
+    assert f"--shard-frozen over the 4 GPUs saves {frozen / memory.GIB * 0.75:.2f} GB per GPU" in w

@@ -53,3 +53,21 @@ def test_mfu_from_model_shape_and_a_known_device(tiny_models):
     assert perf.mfu(tps, fpt, "NVIDIA H100 80GB HBM3") == pytest.approx(tps * fpt / 989e12)
     assert perf.mfu(tps, fpt, "NVIDIA H100 80GB HBM3", n_devices=2) == pytest.approx(tps * fpt / (2 * 989e12))
     assert perf.mfu(tps, fpt, "cpu") is None
+
+
+def test_advised_gradient_checkpointing_reaches_the_run_config(tmp_path):
+    from advisor import advise
+    from flax_lora.trainer import config_from_advice
+
+    tight = advise(samples=3000, vram_gb=3, model="llama-3.2-1b")
+    assert tight.training.gradient_checkpointing
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n')
+    cfg = config_from_advice(tight, model="some/llama", data=str(data), output=str(tmp_path / "r"), overrides={})
+    assert cfg.remat is True and cfg.quantization == "int8"
+    roomy = advise(samples=3000, vram_gb=24, model="llama-3.2-1b")
+    cfg = config_from_advice(roomy, model="some/llama", data=str(data), output=str(tmp_path / "r"), overrides={})
+    assert cfg.remat is False
+    cfg = config_from_advice(roomy, model="some/llama", data=str(data), output=str(tmp_path / "r"),
+                             overrides={"remat": True})
+    assert cfg.remat is True  # the flag wins
