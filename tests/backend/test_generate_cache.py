@@ -98,6 +98,7 @@ def _pick_eos(res, lens):
 
 
 FAMILIES = ["llama", "llama-scan", "mistral-window", "gpt2", "opt", "bloom", "gpt_neo", "gptj", "gemma"]
+CHUNKED = ("llama-scan", "mistral-window", "gpt2", "bloom")  # chunked prefill: the port and HF's two cache styles
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -126,6 +127,8 @@ def test_cached_greedy_matches_uncached(case):
     got, got_len = jax.device_get(make_greedy_cached(model, LORA_CFG, NEW, eos)(model.params, lora, buf, lens))
     np.testing.assert_array_equal(got_len, want_len, err_msg=name)
     np.testing.assert_array_equal(got, want, err_msg=name)
+    if name not in CHUNKED:
+        return
     # the prompt block prefilled in 4 chunks of 4 (long prompts on a GPU): the same tokens
     chunked = make_greedy_cached(model, LORA_CFG, NEW, eos, prefill_chunk=4)
     got, got_len = jax.device_get(chunked(model.params, lora, buf, lens))
