@@ -86,3 +86,16 @@ def test_llama_train_loss_fused_equals_logits_path(tied, monkeypatch):
     np.testing.assert_allclose(float(v1), float(v0), rtol=1e-5)
     for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g0)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
+
+
+def test_one_pass_max_sumexp_matches_two_passes():
+    """The GPU's single-pass (variadic reduce) max / sum-exp equals the CPU's two passes."""
+    from flax_lora.losses import _max_sumexp_one_pass, _max_sumexp_two_pass
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (5, 1000)) * 30.0
+    x = x.at[1].set(-1e30).at[2, 7].set(80.0)  # a row of huge negatives, a dominant entry
+    m1, s1 = jax.jit(_max_sumexp_one_pass)(x)
+    m2, s2 = jax.jit(_max_sumexp_two_pass)(x)
+    assert m1.shape == s1.shape == (5, 1)
+    np.testing.assert_array_equal(np.asarray(m1), np.asarray(m2))
+    np.testing.assert_allclose(np.asarray(s1), np.asarray(s2), rtol=1e-5)
