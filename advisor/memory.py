@@ -73,11 +73,13 @@ def activation_elements_per_token(shape: ModelShape, r: int, n_targets: int) -> 
     """Elements saved for the backward pass per token per layer, excluding attention scores.
 
     Residual input, two norm outputs, the attention output (4h); q, k, v; the MLP's
-    pre-activation(s) and activated output (2 x intermediate, 3 x when gated); r per LoRA
-    module for its A·x.
+    pre-activation(s) and activated output (2 x intermediate, 3 x when gated), except in the
+    project's Llama port, which recomputes act(gate) * up in the backward pass and keeps only
+    gate and up (2 x); r per LoRA module for its A·x.
     """
     q, kv = shape.n_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim
-    mlp = (3 if ARCHS[shape.model_type].gated_mlp else 2) * shape.intermediate
+    gated = ARCHS[shape.model_type].gated_mlp
+    mlp = (2 if not gated or shape.model_type in PORT_TYPES else 3) * shape.intermediate
     return 4 * shape.hidden + q + 2 * kv + mlp + r * n_targets
 
 

@@ -48,7 +48,7 @@ def test_llama_3_2_1b_int8_gqa_by_hand():
     scales = 16 * (2048 + 512 + 512 + 2048 + 8192 + 8192 + 2048) * 4
     lora = 16 * (16 * (2048 + 2048) + 16 * (2048 + 512))  # v_proj out is kv_heads*head_dim = 512
     assert lora == memory.trainable_params(shape, 16, s.targets) == 1_703_936
-    per_token = (4 * 2048 + 2048 + 2 * 512 + 3 * 8192 + 16 * 2) * 2  # gated MLP: 3 x inter; bf16
+    per_token = (4 * 2048 + 2048 + 2 * 512 + 2 * 8192 + 16 * 2) * 2  # gated MLP, the port: gate and up; bf16
     scores = 32 * 4  # bf16 on a GPU: cuDNN flash attention keeps only an fp32 log-sum-exp per head
     chunk = 128 * 2**20 // (4 * 128256)  # 261 tokens per chunk of the fused loss
     expected = {
@@ -67,7 +67,7 @@ def test_llama_3_2_1b_int8_gqa_by_hand():
 def test_remat_keeps_layer_inputs_and_one_layer():
     shape = catalog.lookup("llama-3.2-1b")
     s = Setup(8, ("q_proj", "v_proj"), 4, 2048, remat=True)
-    per_token = (4 * 2048 + 2048 + 2 * 512 + 3 * 8192 + 8 * 2) * 2
+    per_token = (4 * 2048 + 2048 + 2 * 512 + 2 * 8192 + 8 * 2) * 2
     scores = 32 * 4  # flash attention (bf16, GPU): fp32 log-sum-exp per head, no T^2 scores
     assert memory.breakdown(shape, s)["activations"] == 4 * 2048 * (16 * 2048 * 2 + per_token + 1.5 * scores)
     assert memory.breakdown(shape, s)["activations"] < memory.breakdown(shape, s._replace(remat=False))["activations"] / 5
@@ -126,7 +126,7 @@ def test_scanned_explicit_attention_keeps_a_relayout_copy_by_hand():
     shape = catalog.lookup("llama-3.2-1b")
     s = Setup(8, ("q_proj", "k_proj", "v_proj", "o_proj"), 4, 2048, attention="explicit", scan=True)
     tokens = 4 * 2048
-    per_token = (4 * 2048 + 2048 + 2 * 512 + 3 * 8192 + 8 * 4) * 2  # bf16
+    per_token = (4 * 2048 + 2048 + 2 * 512 + 2 * 8192 + 8 * 4) * 2  # bf16
     probs = 32 * 2048 * (4 + 2)  # per token per layer: fp32 probabilities + their bf16 copy
     relayout = 16 * 32 * 2048 * 4  # per token: the transposed copy of the 16 layers' fp32 stack
     assert memory.scan_relayout_bytes_per_token(shape, s) == relayout
@@ -135,8 +135,10 @@ def test_scanned_explicit_attention_keeps_a_relayout_copy_by_hand():
     assert relayout * tokens == 32 * GIB  # the missing 32 GiB: one more fp32 [B, H, T, T] per layer
     # measured on the H200 (peak_bytes_in_use): 98.4 GiB; the estimate is within 10%
     assert 0.9 < memory.estimate(shape, s, vram_gb=141).total_gb / 98.4 < 1.1
-    # the same run with cuDNN flash attention (the default there): 17.3 GiB measured, within 25%
-    assert 0.75 < memory.estimate(shape, s._replace(attention="auto"), vram_gb=141).total_gb / 17.3 < 1.25
+    # the same run with cuDNN flash attention (the default there): 17.3 GiB measured with the port
+    # of that day; since its MLP keeps only gate and up, XLA's compiled peak for an H200 is 10.21 GiB
+    # (benchmarks/hlo_bytes.py, deviceless compile; the old code compiled to 17.21): within 25%
+    assert 0.75 < memory.estimate(shape, s._replace(attention="auto"), vram_gb=141).total_gb / 10.21 < 1.25
 
 
 def test_no_relayout_copy_unrolled_on_cpu_with_remat_or_flash():
@@ -153,7 +155,7 @@ def test_no_relayout_copy_unrolled_on_cpu_with_remat_or_flash():
     gpt2 = catalog.lookup("gpt2")
     assert memory.scan_relayout_bytes_per_token(gpt2, Setup(8, ("c_attn",), 1, 1024, precision="fp32")) == 0
     # unrolled explicit attention: the probabilities of every layer, once
-    per_token = (4 * 2048 + 2048 + 2 * 512 + 3 * 8192 + 8) * 2
+    per_token = (4 * 2048 + 2048 + 2 * 512 + 2 * 8192 + 8) * 2
     probs = 32 * 1024 * 6
     assert memory.breakdown(shape, s._replace(scan=False))["activations"] == 1024 * (16 * (per_token + probs) + probs)
     # on XLA:CPU the Llama port never uses flash attention, so "auto" means explicit there
