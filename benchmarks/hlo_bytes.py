@@ -447,47 +447,6 @@ def allow_cudnn_without_gpu(compute_capability=(9, 0), cudnn_version=91000):
     fa.is_cuda_compute_capability_equal = lambda c: compute_capability == cc(c)
 
 
-def compile_step(case: dict, device, r=8, targets=("q_proj", "k_proj", "v_proj", "o_proj")):
-    """The compiled train step of ``case`` (memory_check's case dict) on abstract arguments."""
-    import jax
-    import jax.numpy as jnp
-
-    from bench import PRESETS, flat_linears, llama_config
-    from flax_lora.lora import LoraConfig, init_lora
-    from flax_lora.models import CausalLM
-    from flax_lora.models.llama import LlamaForCausalLM, param_shapes, stack_layers
-    from flax_lora.targets import resolve_targets
-    from flax_lora.train import OptimConfig, init_state, make_optimizer, make_schedule, make_train_step
-
-    dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[case["precision"]]
-    config = llama_config(PRESETS[case["preset"]], case["seq"])
-    scan = case.get("scan", True)
-    module = LlamaForCausalLM(config, dtype=dtype, param_dtype=dtype, scan=scan, remat=case["remat"])
-    flat_module = module.clone(scan=False, remat=False)
-    flat_shapes = param_shapes(flat_module)
-    flat = CausalLM(flat_module, None, config, "llama", "hlo", dtype)
-    chosen = resolve_targets(flat_linears(flat, flat_shapes), "llama", modules=list(targets))
-    L = config.num_hidden_layers
-    stack = (lambda tree: stack_layers(tree, L)) if scan else (lambda tree: tree)
-    params = jax.eval_shape(stack, flat_shapes)
-    if case["quantization"] == "int8":
-        from flax_lora.quant import quantize_params
-
-        params = jax.eval_shape(quantize_params, params)
-    lora = jax.eval_shape(lambda: stack(init_lora(chosen, r, jax.random.PRNGKey(0))))
-    oc = OptimConfig(2e-4, total_steps=10_000)
-    opt = make_optimizer(oc)
-    state = jax.eval_shape(lambda lo: init_state(lo, opt, 0), lora)
-    step = make_train_step(CausalLM(module, params, config, "llama", "hlo", dtype), LoraConfig(r, 2 * r), opt,
-                           make_schedule(oc))
-    ids = jax.ShapeDtypeStruct((1, case["batch"], case["seq"]), jnp.int32)
-    args = (state, params, {"input_ids": ids, "attention_mask": ids, "loss_mask": ids})
-    if device is not None:
-        on = jax.sharding.SingleDeviceSharding(device)
-        args = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on), args)
-    return step.lower(*args).compile()
-
-
 def loss_chunks(case: dict) -> int:
     """Trips of the fused loss's chunk loop when every token is a target (the benchmark's batch)."""
     from bench import PRESETS
@@ -511,7 +470,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", dest="json_out")
     args = p.parse_args(argv)
 
-    from memory_check import parse_case
+    from memory_check import compile_step, parse_case
 
     case = parse_case(args.case)
     if args.hlo:

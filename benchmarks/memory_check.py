@@ -68,8 +68,8 @@ def gpu_device(target: str):
     return topologies.get_topology_desc(target, "cuda", target_config=GPU_TARGETS[target], topology="1x1x1").devices[0]
 
 
-def xla_peak(case: dict, r=8, targets=("q_proj", "k_proj", "v_proj", "o_proj"), device=None) -> dict:
-    """Compiled memory analysis of the train step for ``case`` (abstract arguments), for the
+def compile_step(case: dict, device=None, r=8, targets=("q_proj", "k_proj", "v_proj", "o_proj")):
+    """The compiled train step of ``case`` on abstract arguments (no weights allocated), for the
     default backend or for ``device`` (a compile-only GPU from ``gpu_device``)."""
     import jax
     import jax.numpy as jnp
@@ -108,8 +108,13 @@ def xla_peak(case: dict, r=8, targets=("q_proj", "k_proj", "v_proj", "o_proj"), 
     if device is not None:
         on = jax.sharding.SingleDeviceSharding(device)
         args = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on), args)
+    return step.lower(*args).compile()
+
+
+def xla_peak(case: dict, r=8, targets=("q_proj", "k_proj", "v_proj", "o_proj"), device=None) -> dict:
+    """Compiled memory analysis of the train step for ``case`` (see :func:`compile_step`)."""
     t0 = time.perf_counter()
-    ma = step.lower(*args).compile().memory_analysis()
+    ma = compile_step(case, device, r, targets).memory_analysis()
     gib = 2**30
     out = {"argument_gb": ma.argument_size_in_bytes / gib, "temp_gb": ma.temp_size_in_bytes / gib,
            "output_gb": ma.output_size_in_bytes / gib, "alias_gb": ma.alias_size_in_bytes / gib,
