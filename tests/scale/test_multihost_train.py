@@ -6,23 +6,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from tests.scale.test_data_parallel import _env
+from tests.scale.test_data_parallel import _env, _free_port
 
 ARGS = ["--max-steps", "6", "--batch-size", "2", "--grad-accum", "2", "--seed", "3", "--save-every", "3",
         "--eval-every", "0", "--quiet"]
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _lora(args, env):
@@ -31,7 +24,7 @@ def _lora(args, env):
 
 
 def _two_processes(per_process_args):
-    port = _port()
+    port = _free_port()
     procs = []
     for pid, args in enumerate(per_process_args):
         env = dict(_env(1), LORA_COORDINATOR=f"127.0.0.1:{port}", LORA_NUM_PROCESSES="2", LORA_PROCESS_ID=str(pid),
