@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import NamedTuple
 
-from advisor.errors import AdviceError
+from advisor.errors import AdviceError, UnknownModel
 from advisor.schema import ModelShape
 
 
@@ -217,20 +217,6 @@ def reference() -> ModelShape:
     return CATALOG[REFERENCE_MODEL].model_copy(update={"source": "reference"})
 
 
-def parse_size(value: str | float | int) -> float:
-    """'1.3B', '350M', '7b', 1.3e9 -> parameter count (float)."""
-    if isinstance(value, (int, float)):
-        n = float(value)
-    else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmbt]?)\s*", value.lower())
-        if not m:
-            raise AdviceError(f"model size {value!r} is not a size like 1.3B or 350M")
-        n = float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[m.group(2)]
-    if not n >= 1e6:
-        raise AdviceError(f"model size {value!r} is below 1M parameters; write it like 1.3B or 350M")
-    return n
-
-
 def size_class(params: float) -> ModelShape:
     """A llama-shaped model of about ``params`` parameters (layers scaled from the nearest shape)."""
     base = min((CATALOG[k] for k in _SIZE_LADDER), key=lambda s: abs(math.log(s.params / params)))
@@ -254,7 +240,7 @@ def from_config(config: dict, name: str) -> ModelShape:
     """A shape from a Hugging Face ``config.json`` dict."""
     model_type = config.get("model_type")
     if model_type not in ARCHS:
-        raise AdviceError(
+        raise UnknownModel(
             f"{name}: architecture {model_type!r} is not one the advisor knows "
             f"({', '.join(sorted(ARCHS))}); pass --model-params with its size instead"
         )
@@ -309,7 +295,7 @@ def resolve(model: str | None, model_params: float | None) -> tuple[ModelShape, 
         if folder is not None:
             return from_config(_read_config(folder), model), f"read {folder / 'config.json'} (HF cache)"
         if model_params is None:
-            raise AdviceError(
+            raise UnknownModel(
                 f"unknown model {model!r}: not in the offline catalog, not a local folder with "
                 "config.json, not in the Hugging Face cache; pass --model-params with its size "
                 "(e.g. 1.3B or 350M) or a local folder"

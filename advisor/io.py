@@ -1,7 +1,7 @@
 """Atomic file writes: a crash never leaves a truncated file that a later command trusts.
 
 The advisor is the project's dependency-free base layer, so the one implementation lives
-here and ``flax_lora.io`` re-exports it (the advisor must never import the training package).
+here and the training package uses it (the advisor never imports the training package).
 """
 
 from __future__ import annotations

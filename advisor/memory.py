@@ -29,7 +29,7 @@ FUSED_LOSS_TYPES = ("llama", "mistral", "qwen2")  # trained through the project'
 PORT_TYPES = FUSED_LOSS_TYPES  # the project's Llama-family port (flax_lora.models.llama); others: transformers' Flax
 # softmax in float32 with bf16 weights: the port, and transformers' Flax BLOOM and Gemma (attention_softmax_in_fp32)
 FP32_SOFTMAX_TYPES = PORT_TYPES + ("bloom", "gemma")
-FUSED_CHUNK_BYTES = 128 * 2**20  # flax_lora.losses.TARGET_CHUNK_BYTES
+FUSED_CHUNK_BYTES = 128 * 2**20  # flax_lora.training.losses.TARGET_CHUNK_BYTES (tested to agree)
 
 
 class Setup(NamedTuple):
@@ -166,7 +166,7 @@ def activation_bytes(shape: ModelShape, s: Setup, n_targets: int) -> float:
 def logits_bytes(shape: ModelShape, tokens: int) -> float:
     """The vocabulary projection's memory.
 
-    Llama-family models train with the fused chunked loss (``flax_lora.losses``): float32
+    Llama-family models train with the fused chunked loss (``flax_lora.training.losses``): float32
     logits, their exponentials and gradient for one chunk (~128 MiB each) plus the float32
     gradient of the hidden states. Other families materialise float32 logits and their gradient.
     """

@@ -1,4 +1,18 @@
-"""Request -> Advice: the guide's rules applied in order, one reason per chosen value.
+"""Request -> Advice: the guide's rules as a pipeline of small named rules, one reason per value.
+
+Each rule is a function ``rule_x(ctx) -> Decision``: it reads the :class:`Context` (the request,
+the recipe and what earlier rules decided) and returns the values it decides, a reason for each
+advised value and any warnings. :func:`advise` runs :data:`PIPELINE` in order, folding each
+decision into the context, and assembles the :class:`Advice` from the final context; the reasons
+and warnings come out in pipeline order:
+
+model shape -> data (samples, lengths) -> rank -> alpha (+ scaling) -> dropout -> target modules
+-> max length -> precision -> learning rate -> quantization -> gradient checkpointing -> batch size
+-> accumulation (+ effective batch) -> epochs -> total steps -> schedule -> warmup -> weight decay
+and gradient clipping -> memory estimate (+ remedies when batch 1 does not fit) -> data summary.
+
+The order matters where the memory model is asked: quantization is judged without gradient
+checkpointing, checkpointing with the chosen quantization, and the batch with both.
 
 Precedence for every value: an explicit request field, then what the user told us about the
 data (``noisy``, ``text_length``, a data file), then the recipe, then the guide's rule.
@@ -8,7 +22,9 @@ Conflicts inside the guide are resolved as documented in ``RESOLUTIONS.md``.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, Callable, Iterable
 
 from pydantic import ValidationError
 
@@ -21,6 +37,7 @@ from advisor.schema import (
     AdviceRequest,
     DataStats,
     LoraAdvice,
+    MemoryEstimate,
     ModelShape,
     Reason,
     TrainingAdvice,
@@ -51,41 +68,191 @@ def validation_message(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-class _Reasons(list):
-    def add(self, field: str, value, why: str) -> None:
-        text = f"{value:g}" if isinstance(value, float) else str(value)
-        self.append(Reason(field=field, value=text, why=why))
+# --------------------------------------------------------------------------- context, decisions
 
 
-def choose_epochs(samples: int) -> tuple[int, str]:
-    """Within the size row's range: the top for its smallest sets, the bottom for its largest,
-    interpolated on log(samples) and rounded half up."""
-    row, (lo, hi) = T.size_row(T.EPOCHS_BY_SIZE, samples)
-    a = row.low if row.low > 0 else T.EPOCHS_OPEN_LOW
-    b = row.high - 1 if row.high is not None else T.EPOCHS_OPEN_HIGH
-    frac = min(1.0, max(0.0, math.log(max(samples, 1) / a) / math.log(b / a)))
-    epochs = math.floor(hi - (hi - lo) * frac + 0.5)
-    return epochs, (f'epochs table row "{row.label}": {lo}-{hi}; more samples -> fewer epochs, '
-                    f"interpolated on log(samples) over {a:,}-{b:,} ({frac:.2f} of the way) -> {epochs}")
+@dataclass(frozen=True)
+class Context:
+    """The request and everything the rules so far decided (None / empty until decided).
+
+    ``remat`` is False until the gradient-checkpointing rule turns it on: the rules before it
+    ask the memory model about a setup without checkpointing.
+    """
+
+    request: AdviceRequest
+    recipe: T.Recipe | None = None
+    shape: ModelShape | None = None
+    samples: int | None = None
+    lengths: list[int] | None = None  # per-sample lengths of the data file, when one is given
+    tokenizer: Path | None = None  # the model's tokenizer.json the lengths were counted with
+    r: int | None = None
+    alpha: float | None = None
+    scaling: float | None = None
+    dropout: float | None = None
+    targets: tuple[str, ...] = ()
+    preset: str | None = None
+    max_length: int | None = None
+    precision: str | None = None
+    learning_rate: float | None = None
+    quantization: str | None = None
+    remat: bool = False
+    batch: int | None = None
+    accum: int | None = None
+    effective: int | None = None
+    epochs: int | None = None
+    total_steps: int | None = None
+    schedule: str | None = None
+    warmup: int | None = None
+    weight_decay: float | None = None
+    max_grad_norm: float | None = None
+    memory: MemoryEstimate | None = None
+    trainable: int | None = None
+    stats: DataStats | None = None
+
+    @classmethod
+    def of(cls, request: AdviceRequest) -> "Context":
+        """The starting context: the request and its recipe, nothing decided yet."""
+        return cls(request=request, recipe=T.RECIPES[request.recipe] if request.recipe else None)
 
 
-def choose_max_length(req: AdviceRequest, recipe, lengths: list[int] | None,
-                      unit: str = "tokens") -> tuple[int, str]:
-    if req.max_length is not None:
-        return req.max_length, "given"
-    if lengths:
-        p = data_stats.percentile(lengths, T.LENGTH_PERCENTILE)
-        value = max(T.LENGTH_MULTIPLE, math.ceil(p / T.LENGTH_MULTIPLE) * T.LENGTH_MULTIPLE)
-        return value, (f"{T.LENGTH_PERCENTILE}th percentile of the data's lengths is {p} {unit}, "
-                       f"rounded up to a multiple of {T.LENGTH_MULTIPLE}")
-    if req.text_length is not None:
-        value, label = T.MAX_LENGTH_BY_TEXT[req.text_length]
-        return value, f'"Choosing max length": {label} -> {value}'
-    if recipe is not None:
-        return recipe.max_length, f"recipe {recipe.name!r}: max length {recipe.max_length}"
-    value, label = T.MAX_LENGTH_BY_TEXT[T.DEFAULT_TEXT_LENGTH]
-    return value, (f'no text length or data given: "Choosing max length" {label} -> {value}; '
-                   "pass --text-length or --data")
+@dataclass(frozen=True)
+class Decision:
+    """What one rule decided: Context fields to set, a reason per advised value, warnings."""
+
+    values: dict[str, Any]
+    reasons: tuple[Reason, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def value(self) -> Any:
+        """The decided value, for a rule that decides exactly one."""
+        (value,) = self.values.values()
+        return value
+
+    @property
+    def why(self) -> str:
+        """The reason for the rule's (first) advised value."""
+        return self.reasons[0].why
+
+
+def reason(field: str, value: Any, why: str) -> Reason:
+    """A Reason with the value as the advice prints it (floats in ``g`` format)."""
+    text = f"{value:g}" if isinstance(value, float) else str(value)
+    return Reason(field=field, value=text, why=why)
+
+
+def decide(name: str, field: str, value: Any, why: str, warnings: Iterable[str] = ()) -> Decision:
+    """A Decision for one value: Context field ``name``, advised as ``field``."""
+    return Decision({name: value}, (reason(field, value, why),), tuple(warnings))
+
+
+def _gb(x: float) -> str:
+    return f"{x:.2f} GB"
+
+
+def setup_of(ctx: Context, batch: int, quant: str | None = None, *, length: int | None = None,
+             rank: int | None = None, remat: bool | None = None) -> Setup:
+    """The memory model's Setup for ``ctx``'s choices at ``batch``, with any of them overridden."""
+    return Setup(ctx.r if rank is None else rank, ctx.targets, batch,
+                 ctx.max_length if length is None else length, ctx.precision,
+                 ctx.quantization if quant is None else quant, remat=ctx.remat if remat is None else remat)
+
+
+def need_gb(ctx: Context, batch: int, quant: str | None = None, **overrides) -> float:
+    """GiB per GPU that :func:`setup_of` (same arguments) needs, by the memory model."""
+    return sum(memory.breakdown(ctx.shape, setup_of(ctx, batch, quant, **overrides)).values()) / GIB
+
+
+# --------------------------------------------------------------------------- model and data
+
+
+def rule_model(ctx: Context) -> Decision:
+    """The model's shape: catalog entry, local config, size class or the reference model."""
+    shape, source = catalog.resolve(ctx.request.model, ctx.request.model_params)
+    return Decision({"shape": shape}, (reason("model", shape.name, source),))
+
+
+def _read_data(req: AdviceRequest) -> tuple[list[int], Path | None, tuple[str, ...], list[str]]:
+    """(lengths, tokenizer file or None, the format's fields, warnings) of ``req.data``.
+
+    Lengths are counted with the model's tokenizer when it is available offline.
+    """
+    pairs, fmt, report = data_stats.sample_texts(req.data)
+    warnings = [f"{req.data}: {report.summary()}; lora train skips the same rows"] if report.bad else []
+    folder = catalog.model_dir(req.model) if req.model else None
+    tokenizer = None
+    if folder is not None and (folder / "tokenizer.json").is_file():
+        tokenizer = folder / "tokenizer.json"
+    return data_stats.token_lengths(pairs, tokenizer), tokenizer, fmt.fields(), warnings
+
+
+def rule_data(ctx: Context) -> Decision:
+    """Samples and lengths: a given ``samples`` wins (with a warning when the file disagrees)."""
+    req = ctx.request
+    lengths, tokenizer, fields, warnings = None, None, (), []
+    if req.data is not None:
+        lengths, tokenizer, fields, warnings = _read_data(req)
+    samples = req.samples if req.samples is not None else len(lengths)
+    reasons = ()
+    if req.samples is None:
+        reasons = (reason("samples", samples, f"counted in {req.data} (fields: {', '.join(fields)})"),)
+    elif lengths is not None and len(lengths) != req.samples:
+        warnings.append(f"--samples {req.samples} differs from the {len(lengths)} samples in {req.data}; "
+                        f"advised for {req.samples}")
+    return Decision({"samples": samples, "lengths": lengths, "tokenizer": tokenizer}, reasons, tuple(warnings))
+
+
+# --------------------------------------------------------------------------- LoRA
+
+
+def rule_rank(ctx: Context) -> Decision:
+    """r: given, else the recipe's, else "Choosing rank" by task."""
+    req, recipe = ctx.request, ctx.recipe
+    if req.r is not None:
+        r, why = req.r, "given"
+    elif recipe is not None:
+        r, why = recipe.r, f"recipe {recipe.name!r}: r = {recipe.r}"
+    else:
+        r, line = T.RANK_BY_TASK[req.task]
+        why = f'"Choosing rank" for task {req.task!r}: {line} (rank table: {T.RANK_TABLE[r][2]})'
+    return decide("r", "lora.r", r, why)
+
+
+def rule_alpha(ctx: Context) -> Decision:
+    """alpha (and scaling = alpha / r): given, a style, the recipe's ratio, else the standard 2 x r."""
+    req, recipe, r = ctx.request, ctx.recipe, ctx.r
+    if req.alpha is not None:
+        alpha, why = req.alpha, "given"
+    elif req.style is not None:
+        k = T.ALPHA_STYLES[req.style]
+        alpha, why = k * r, f'"Alpha" style {req.style!r}: alpha = {k:g} x r'
+    elif recipe is not None:
+        k = recipe.alpha / recipe.r
+        alpha = k * r
+        why = (f"recipe {recipe.name!r} keeps its own alpha = {k:g} x r (the guide's 'aggressive'), "
+               "not the 'standard' 2 x r; pass --style to change it")
+    else:
+        k = T.ALPHA_STYLES[T.DEFAULT_STYLE]
+        alpha, why = k * r, f'"Alpha": Standard (recommended) alpha = {k:g} x r'
+    scaling = alpha / r
+    return Decision({"alpha": alpha, "scaling": scaling},
+                    (reason("lora.alpha", alpha, why),
+                     reason("lora.scaling", scaling, f'"Formula": scaling = alpha / r = {alpha:g} / {r}')))
+
+
+def rule_dropout(ctx: Context) -> Decision:
+    """dropout: given, noisy data (0.2, over recipe and size), the recipe's, else by dataset size."""
+    req, recipe = ctx.request, ctx.recipe
+    if req.dropout is not None:
+        dropout, why = req.dropout, "given"
+    elif req.noisy:
+        dropout, why = T.DROPOUT_NOISY, '"Choosing dropout": noisy data -> 0.2 (overrides recipe and size)'
+    elif recipe is not None:
+        dropout, why = recipe.dropout, f"recipe {recipe.name!r}: dropout {recipe.dropout:g}"
+    else:
+        row, dropout = T.size_row(T.DROPOUT_BY_SIZE, ctx.samples)
+        why = f'"Choosing dropout": {row.label} -> {dropout:g} ({T.DROPOUT_VALUES[dropout]})'
+    return decide("dropout", "lora.dropout", dropout, why)
 
 
 def resolve_targets(req: AdviceRequest, shape: ModelShape) -> tuple[tuple[str, ...], str | None, str]:
@@ -107,7 +274,123 @@ def resolve_targets(req: AdviceRequest, shape: ModelShape) -> tuple[tuple[str, .
     return tuple(given), None, "given"
 
 
+def rule_targets(ctx: Context) -> Decision:
+    """Target modules: a preset as the model's own names, or given names checked against the model."""
+    targets, preset, why = resolve_targets(ctx.request, ctx.shape)
+    return Decision({"targets": targets, "preset": preset},
+                    (reason("lora.target_modules", ",".join(targets), why),))
+
+
+# --------------------------------------------------------------------------- sequence, precision, rate
+
+
+def choose_max_length(req: AdviceRequest, recipe, lengths: list[int] | None,
+                      unit: str = "tokens") -> tuple[int, str]:
+    """max_length: given, the data's 95th percentile, the text-length class, the recipe, else medium."""
+    if req.max_length is not None:
+        return req.max_length, "given"
+    if lengths:
+        p = data_stats.percentile(lengths, T.LENGTH_PERCENTILE)
+        value = max(T.LENGTH_MULTIPLE, math.ceil(p / T.LENGTH_MULTIPLE) * T.LENGTH_MULTIPLE)
+        return value, (f"{T.LENGTH_PERCENTILE}th percentile of the data's lengths is {p} {unit}, "
+                       f"rounded up to a multiple of {T.LENGTH_MULTIPLE}")
+    if req.text_length is not None:
+        value, label = T.MAX_LENGTH_BY_TEXT[req.text_length]
+        return value, f'"Choosing max length": {label} -> {value}'
+    if recipe is not None:
+        return recipe.max_length, f"recipe {recipe.name!r}: max length {recipe.max_length}"
+    value, label = T.MAX_LENGTH_BY_TEXT[T.DEFAULT_TEXT_LENGTH]
+    return value, (f'no text length or data given: "Choosing max length" {label} -> {value}; '
+                   "pass --text-length or --data")
+
+
+def rule_max_length(ctx: Context) -> Decision:
+    """max_length by :func:`choose_max_length`, capped at the model's positions (a warning if given)."""
+    req, shape = ctx.request, ctx.shape
+    unit = "tokens" if ctx.tokenizer else f"tokens (estimated at {data_stats.CHARS_PER_TOKEN:g} chars/token)"
+    max_length, why = choose_max_length(req, ctx.recipe, ctx.lengths, unit)
+    warnings = []
+    if max_length > shape.max_positions:
+        note = f"{max_length} exceeds {shape.name}'s {shape.max_positions} positions: capped"
+        if req.max_length is not None:
+            warnings.append(f"max_length {note}")
+        max_length, why = shape.max_positions, f"{why}; {note}"
+    return decide("max_length", "training.max_length", max_length, why, warnings)
+
+
+def rule_precision(ctx: Context) -> Decision:
+    """Precision: given, else bf16 (the guide's fp16 without its overflow)."""
+    req = ctx.request
+    return decide("precision", "training.precision", req.precision or T.DEFAULT_PRECISION,
+                  "given" if req.precision else (
+                      '"Mixed Precision": the guide enables fp16 on CUDA; bf16 has the same 2 bytes and speed '
+                      "with fp32's exponent range, so it needs no loss scaling (fp16 can overflow)"))
+
+
+def rule_learning_rate(ctx: Context) -> Decision:
+    """Learning rate: given, the recipe's, halved for 7B-class models, else the LoRA standard 2e-4."""
+    req, recipe, shape = ctx.request, ctx.recipe, ctx.shape
+    if req.learning_rate is not None:
+        lr, why = req.learning_rate, "given"
+    elif recipe is not None:
+        lr, why = recipe.learning_rate, f"recipe {recipe.name!r}: learning rate {recipe.learning_rate:g}"
+    elif shape.params >= T.LARGE_MODEL_PARAMS:
+        lr = T.LARGE_MODEL_LEARNING_RATE
+        why = (f"{shape.params / 1e9:.1f}B params is the guide's 'Large (7B)' class: 2e-4 halved to 1e-4 "
+               f"({T.LEARNING_RATES[lr]}); 1e-5 is for full fine-tuning, too low for LoRA")
+    else:
+        lr = T.DEFAULT_LEARNING_RATE
+        why = f'"Learning Rate" table: {lr:g} {T.LEARNING_RATES[lr]}'
+    return decide("learning_rate", "training.learning_rate", lr, why)
+
+
+# --------------------------------------------------------------------------- fitting in memory
+
+
+def rule_quantization(ctx: Context) -> Decision:
+    """Quantization: given, else off unless batch 1 does not fit, then int8 (with a warning)."""
+    req, vram, field = ctx.request, ctx.request.vram_gb, "training.quantization"
+    if req.quantization is not None:
+        return decide("quantization", field, req.quantization, "given")
+    plain_b1 = need_gb(ctx, 1, T.DEFAULT_QUANTIZATION)
+    if plain_b1 <= vram:
+        return decide("quantization", field, T.DEFAULT_QUANTIZATION, '"Model Quantization": off while the model fits')
+    saves = plain_b1 - need_gb(ctx, 1, "int8")
+    why = (f"batch 1 needs {_gb(plain_b1)} in {ctx.precision} > {vram:g} GB: int8 frozen weights "
+           f"(the guide's load_in_8bit) save {_gb(saves)}")
+    warning = (f"the model does not fit in {ctx.precision} even at batch 1 ({_gb(plain_b1)} > {vram:g} GB): "
+               f"advised int8 quantization, saving {_gb(saves)}")
+    return decide("quantization", field, "int8", why, [warning])
+
+
+def rule_gradient_checkpointing(ctx: Context) -> Decision:
+    """Gradient checkpointing: on when batch 1 still does not fit with the chosen quantization.
+
+    Not in the guide: recomputing each layer's activations in the backward pass (about a third
+    more compute) is the next lever after int8; only the project's Llama-family port has it.
+    The user's explicit choice wins; it is refused for model types without it.
+    """
+    req, vram, quant, field = ctx.request, ctx.request.vram_gb, ctx.quantization, "training.gradient_checkpointing"
+    available = ctx.shape.model_type in memory.PORT_TYPES
+    b1 = need_gb(ctx, 1, remat=False)
+    if b1 > vram and available and req.gradient_checkpointing is not False:
+        saves = b1 - need_gb(ctx, 1, remat=True)
+        why = (f"batch 1 needs {_gb(b1)} > {vram:g} GB with {quant} weights: recomputing "
+               f"each layer's activations in the backward pass saves {_gb(saves)} "
+               "for about a third more compute (not in the guide)")
+        return decide("remat", field, True, why, [f"advised gradient checkpointing (lora train --remat): {why}"])
+    unavailable = f"not available for model type {ctx.shape.model_type} (transformers' Flax class has none)"
+    if req.gradient_checkpointing is not None:
+        remat = bool(req.gradient_checkpointing) and available
+        why = "given" if remat or not req.gradient_checkpointing else f"asked for, but {unavailable}"
+        return decide("remat", field, remat, why)
+    if available:
+        return decide("remat", field, False, "off: batch 1 fits without recomputing activations")
+    return decide("remat", field, False, f"off: {unavailable}")
+
+
 def _batch_ceiling(req: AdviceRequest, recipe) -> tuple[int, str]:
+    """The largest batch the recipe or the guide's VRAM table allows, and why."""
     if recipe is not None:
         return recipe.batch_size, f"recipe {recipe.name!r}: batch size {recipe.batch_size}"
     rows = [row for row in T.BATCH_BY_VRAM if row.vram_gb <= req.vram_gb]
@@ -120,269 +403,247 @@ def _batch_ceiling(req: AdviceRequest, recipe) -> tuple[int, str]:
     return hi, f'batch table row "{row.vram_gb:g}GB, {row.model_size}": max batch {lo}-{hi}'
 
 
-def _gb(x: float) -> str:
-    return f"{x:.2f} GB"
+def halve_to_fit(ctx: Context, top: int) -> int:
+    """The first of top, top/2, top/4, ... (integer halving) that fits; 1 when none does."""
+    tried = [b for b in (top >> i for i in range(top.bit_length())) if b >= 1]
+    return next((b for b in tried if need_gb(ctx, b) <= ctx.request.vram_gb), 1)
 
 
-def advise(request: AdviceRequest) -> Advice:
-    req = request
-    reasons, warnings = _Reasons(), []
-    recipe = T.RECIPES[req.recipe] if req.recipe else None
+def _given_batch(ctx: Context) -> Decision:
+    """A given batch size, with a warning naming the largest that fits when it does not."""
+    batch, vram = ctx.request.batch_size, ctx.request.vram_gb
+    warnings = []
+    if need_gb(ctx, batch) > vram and need_gb(ctx, 1) <= vram:
+        fit = next(b for b in range(batch, 0, -1) if need_gb(ctx, b) <= vram)
+        warnings.append(f"batch {batch} needs {_gb(need_gb(ctx, batch))} > {vram:g} GB; batch {fit} would fit")
+    return decide("batch", "training.per_device_batch_size", batch, "given", warnings)
 
-    shape, source = catalog.resolve(req.model, req.model_params)
-    reasons.add("model", shape.name, source)
 
-    # --- data ------------------------------------------------------------------------------
-    lengths: list[int] | None = None
-    tokenizer: Path | None = None
-    fields: tuple[str, ...] = ()
-    if req.data is not None:
-        pairs, fields = data_stats.sample_texts(req.data)
-        folder = catalog.model_dir(req.model) if req.model else None
-        if folder is not None and (folder / "tokenizer.json").is_file():
-            tokenizer = folder / "tokenizer.json"
-        lengths = data_stats.token_lengths(pairs, tokenizer)
-    samples = req.samples if req.samples is not None else len(lengths)
-    if req.samples is None:
-        reasons.add("samples", samples, f"counted in {req.data} (fields: {', '.join(fields)})")
-    elif lengths is not None and len(lengths) != req.samples:
-        warnings.append(f"--samples {req.samples} differs from the {len(lengths)} samples in {req.data}; "
-                        f"advised for {req.samples}")
-
-    # --- LoRA ------------------------------------------------------------------------------
-    if req.r is not None:
-        r, why = req.r, "given"
-    elif recipe is not None:
-        r, why = recipe.r, f"recipe {recipe.name!r}: r = {recipe.r}"
-    else:
-        r, line = T.RANK_BY_TASK[req.task]
-        why = f'"Choosing rank" for task {req.task!r}: {line} (rank table: {T.RANK_TABLE[r][2]})'
-    reasons.add("lora.r", r, why)
-
-    if req.alpha is not None:
-        alpha, why = req.alpha, "given"
-    elif req.style is not None:
-        k = T.ALPHA_STYLES[req.style]
-        alpha, why = k * r, f'"Alpha" style {req.style!r}: alpha = {k:g} x r'
-    elif recipe is not None:
-        k = recipe.alpha / recipe.r
-        alpha = k * r
-        why = (f"recipe {recipe.name!r} keeps its own alpha = {k:g} x r (the guide's 'aggressive'), "
-               "not the 'standard' 2 x r; pass --style to change it")
-    else:
-        k = T.ALPHA_STYLES[T.DEFAULT_STYLE]
-        alpha, why = k * r, f'"Alpha": Standard (recommended) alpha = {k:g} x r'
-    reasons.add("lora.alpha", alpha, why)
-    scaling = alpha / r
-    reasons.add("lora.scaling", scaling, f'"Formula": scaling = alpha / r = {alpha:g} / {r}')
-
-    if req.dropout is not None:
-        dropout, why = req.dropout, "given"
-    elif req.noisy:
-        dropout, why = T.DROPOUT_NOISY, '"Choosing dropout": noisy data -> 0.2 (overrides recipe and size)'
-    elif recipe is not None:
-        dropout, why = recipe.dropout, f"recipe {recipe.name!r}: dropout {recipe.dropout:g}"
-    else:
-        row, dropout = T.size_row(T.DROPOUT_BY_SIZE, samples)
-        why = f'"Choosing dropout": {row.label} -> {dropout:g} ({T.DROPOUT_VALUES[dropout]})'
-    reasons.add("lora.dropout", dropout, why)
-
-    targets, preset, why = resolve_targets(req, shape)
-    reasons.add("lora.target_modules", ",".join(targets), why)
-
-    # --- sequence, precision, learning rate ------------------------------------------------
-    unit = "tokens" if tokenizer else f"tokens (estimated at {data_stats.CHARS_PER_TOKEN:g} chars/token)"
-    max_length, why = choose_max_length(req, recipe, lengths, unit)
-    if max_length > shape.max_positions:
-        note = f"{max_length} exceeds {shape.name}'s {shape.max_positions} positions: capped"
-        if req.max_length is not None:
-            warnings.append(f"max_length {note}")
-        max_length, why = shape.max_positions, f"{why}; {note}"
-    reasons.add("training.max_length", max_length, why)
-
-    precision = req.precision or T.DEFAULT_PRECISION
-    reasons.add("training.precision", precision, "given" if req.precision else (
-        '"Mixed Precision": the guide enables fp16 on CUDA; bf16 has the same 2 bytes and speed '
-        "with fp32's exponent range, so it needs no loss scaling (fp16 can overflow)"))
-
-    if req.learning_rate is not None:
-        lr, why = req.learning_rate, "given"
-    elif recipe is not None:
-        lr, why = recipe.learning_rate, f"recipe {recipe.name!r}: learning rate {recipe.learning_rate:g}"
-    elif shape.params >= T.LARGE_MODEL_PARAMS:
-        lr = T.LARGE_MODEL_LEARNING_RATE
-        why = (f"{shape.params / 1e9:.1f}B params is the guide's 'Large (7B)' class: 2e-4 halved to 1e-4 "
-               f"({T.LEARNING_RATES[lr]}); 1e-5 is for full fine-tuning, too low for LoRA")
-    else:
-        lr = T.DEFAULT_LEARNING_RATE
-        why = f'"Learning Rate" table: {lr:g} {T.LEARNING_RATES[lr]}'
-    reasons.add("training.learning_rate", lr, why)
-
-    # --- batch size and quantization against the memory model -------------------------------
-    remat = False  # gradient checkpointing: turned on below only when batch 1 does not fit without it
-
-    def setup(batch: int, quant: str, length: int = max_length, rank: int = r, with_remat: bool | None = None) -> Setup:
-        return Setup(rank, targets, batch, length, precision, quant, remat=remat if with_remat is None else with_remat)
-
-    def need(s: Setup) -> float:
-        return sum(memory.breakdown(shape, s).values()) / GIB
-
-    vram = req.vram_gb
-    quant = req.quantization or T.DEFAULT_QUANTIZATION
-    quant_why = "given" if req.quantization else '"Model Quantization": off while the model fits'
-    plain_b1 = need(setup(1, quant))
-    int8_saves = plain_b1 - need(setup(1, "int8"))
-    if plain_b1 > vram and req.quantization is None:
-        quant = "int8"
-        quant_why = (f"batch 1 needs {_gb(plain_b1)} in {precision} > {vram:g} GB: int8 frozen weights "
-                     f"(the guide's load_in_8bit) save {_gb(int8_saves)}")
-        warnings.append(f"the model does not fit in {precision} even at batch 1 ({_gb(plain_b1)} > {vram:g} GB): "
-                        f"advised int8 quantization, saving {_gb(int8_saves)}")
-    reasons.add("training.quantization", quant, quant_why)
-
-    # Not in the guide: recomputing each layer's activations in the backward pass (about a third
-    # more compute) is the next lever once batch 1 does not fit; the project's Llama port has it.
-    remat_ok = shape.model_type in memory.PORT_TYPES
-    if need(setup(1, quant)) > vram and remat_ok and req.gradient_checkpointing is not False:
-        remat_saves = need(setup(1, quant)) - need(setup(1, quant, with_remat=True))
-        remat_why = (f"batch 1 needs {_gb(need(setup(1, quant)))} > {vram:g} GB with {quant} weights: recomputing "
-                     f"each layer's activations in the backward pass saves {_gb(remat_saves)} "
-                     "for about a third more compute (not in the guide)")
-        warnings.append(f"advised gradient checkpointing (lora train --remat): {remat_why}")
-        remat = True
-    elif req.gradient_checkpointing is not None:
-        remat = bool(req.gradient_checkpointing) and remat_ok
-        remat_why = "given" if remat or not req.gradient_checkpointing else (
-            f"asked for, but not available for model type {shape.model_type} (transformers' Flax class has none)")
-    elif remat_ok:
-        remat_why = "off: batch 1 fits without recomputing activations"
-    else:
-        remat_why = f"off: not available for model type {shape.model_type} (transformers' Flax class has none)"
-    reasons.add("training.gradient_checkpointing", remat, remat_why)
-
-    ceiling, ceiling_why = _batch_ceiling(req, recipe)
-    per_gpu_samples = math.ceil(samples / req.gpus)
+def rule_batch_size(ctx: Context) -> Decision:
+    """Per-device batch: the recipe's or the VRAM table's ceiling, capped by the samples per GPU,
+    halved until the memory model says it fits."""
+    req = ctx.request
     if req.batch_size is not None:
-        batch, batch_why = req.batch_size, "given"
-        if need(setup(batch, quant)) > vram and need(setup(1, quant)) <= vram:
-            fit = next(b for b in range(batch, 0, -1) if need(setup(b, quant)) <= vram)
-            warnings.append(f"batch {batch} needs {_gb(need(setup(batch, quant)))} > {vram:g} GB; "
-                            f"batch {fit} would fit")
+        return _given_batch(ctx)
+    ceiling, why = _batch_ceiling(req, ctx.recipe)
+    top = min(ceiling, math.ceil(ctx.samples / req.gpus))
+    batch = halve_to_fit(ctx, top)
+    if top < ceiling:
+        why += f"; capped at {top} by {ctx.samples} samples over {req.gpus} GPU(s)"
+    if batch < top:
+        why += (f"; batch {top} needs {_gb(need_gb(ctx, top))} at max_length {ctx.max_length} "
+                f"> {req.vram_gb:g} GB, halved to the largest that fits: {batch}")
     else:
-        top = min(ceiling, per_gpu_samples)
-        tried = [b for b in (top >> i for i in range(top.bit_length())) if b >= 1]
-        batch = next((b for b in tried if need(setup(b, quant)) <= vram), 1)
-        batch_why = ceiling_why
-        if top < ceiling:
-            batch_why += f"; capped at {top} by {samples} samples over {req.gpus} GPU(s)"
-        if batch < top:
-            batch_why += (f"; batch {top} needs {_gb(need(setup(top, quant)))} at max_length {max_length} "
-                          f"> {vram:g} GB, halved to the largest that fits: {batch}")
-        else:
-            batch_why += f"; the memory model confirms {batch} fits"
-    reasons.add("training.per_device_batch_size", batch, batch_why)
+        why += f"; the memory model confirms {batch} fits"
+    return decide("batch", "training.per_device_batch_size", batch, why)
 
-    final = setup(batch, quant)
-    if need(setup(1, quant)) > vram:
-        remedies = []
-        if quant != "int8":
-            remedies.append(f"int8 quantization saves {_gb(need(setup(1, quant)) - need(setup(1, 'int8')))}")
-        if remat_ok and not remat:
-            remedies.append(f"gradient checkpointing (--remat) saves "
-                            f"{_gb(need(setup(1, quant)) - need(setup(1, quant, with_remat=True)))}")
-        if req.gpus > 1:
-            frozen = memory.breakdown(shape, setup(1, quant))["frozen_weights"] / GIB
-            remedies.append(f"--shard-frozen over the {req.gpus} GPUs saves {_gb(frozen * (1 - 1 / req.gpus))} per GPU")
-        shorter = next((n for n in range(max_length - T.LENGTH_MULTIPLE, 0, -T.LENGTH_MULTIPLE)
-                        if need(setup(1, quant, n)) <= vram), None)
-        shorter = shorter or max(T.LENGTH_MULTIPLE, max_length // 2)
-        if shorter < max_length:
-            remedies.append(f"max_length {max_length} -> {shorter} saves "
-                            f"{_gb(need(setup(1, quant)) - need(setup(1, quant, shorter)))}")
-        if r > min(T.RANK_TABLE):
-            smaller = max(min(T.RANK_TABLE), r // 2)
-            remedies.append(f"r {r} -> {smaller} saves "
-                            f"{_gb(need(setup(1, quant)) - need(setup(1, quant, rank=smaller)))}")
-        warnings.append(f"does not fit even at batch 1: needs {_gb(need(setup(1, quant)))} of {vram:g} GB. "
-                        f"In order: {'; '.join(remedies) or 'nothing left to cut'}; "
-                        "else choose a smaller model")
 
+# --------------------------------------------------------------------------- steps and schedule
+
+
+def rule_accumulation(ctx: Context) -> Decision:
+    """Gradient accumulation to reach the guide's effective batch of 16 (or all samples), and the
+    effective batch = batch x accumulation x GPUs."""
+    req, batch = ctx.request, ctx.batch
     if req.gradient_accumulation_steps is not None:
         accum, why = req.gradient_accumulation_steps, "given"
     else:
-        target = min(T.TARGET_EFFECTIVE_BATCH, samples)
+        target = min(T.TARGET_EFFECTIVE_BATCH, ctx.samples)
         accum = max(1, math.ceil(target / (batch * req.gpus)))
         why = (f'"Effective batch size" example 4 x {T.DEFAULT_GRAD_ACCUMULATION} = {T.TARGET_EFFECTIVE_BATCH}: '
                f"accumulate to reach {target} -> ceil({target} / ({batch} x {req.gpus} GPU)) = {accum}")
-    reasons.add("training.gradient_accumulation_steps", accum, why)
     effective = batch * accum * req.gpus
-    reasons.add("training.effective_batch_size", effective,
-                f'"Gradient Accumulation": batch x accumulation x GPUs = {batch} x {accum} x {req.gpus}')
+    return Decision({"accum": accum, "effective": effective}, (
+        reason("training.gradient_accumulation_steps", accum, why),
+        reason("training.effective_batch_size", effective,
+               f'"Gradient Accumulation": batch x accumulation x GPUs = {batch} x {accum} x {req.gpus}')))
 
-    # --- epochs, steps, schedule -------------------------------------------------------------
+
+def choose_epochs(samples: int) -> tuple[int, str]:
+    """Within the size row's range: the top for its smallest sets, the bottom for its largest,
+    interpolated on log(samples) and rounded half up."""
+    row, (lo, hi) = T.size_row(T.EPOCHS_BY_SIZE, samples)
+    a = row.low if row.low > 0 else T.EPOCHS_OPEN_LOW
+    b = row.high - 1 if row.high is not None else T.EPOCHS_OPEN_HIGH
+    frac = min(1.0, max(0.0, math.log(max(samples, 1) / a) / math.log(b / a)))
+    epochs = math.floor(hi - (hi - lo) * frac + 0.5)
+    return epochs, (f'epochs table row "{row.label}": {lo}-{hi}; more samples -> fewer epochs, '
+                    f"interpolated on log(samples) over {a:,}-{b:,} ({frac:.2f} of the way) -> {epochs}")
+
+
+def rule_epochs(ctx: Context) -> Decision:
+    """Epochs: given, the recipe's, else the guide's table by dataset size (:func:`choose_epochs`)."""
+    req, recipe = ctx.request, ctx.recipe
     if req.epochs is not None:
         epochs, why = req.epochs, "given"
     elif recipe is not None:
         epochs, why = recipe.epochs, f"recipe {recipe.name!r}: {recipe.epochs} epochs"
     else:
-        epochs, why = choose_epochs(samples)
-    reasons.add("training.epochs", epochs, why)
+        epochs, why = choose_epochs(ctx.samples)
+    return decide("epochs", "training.epochs", epochs, why)
 
-    steps_per_epoch = math.ceil(samples / effective)
-    total_steps = steps_per_epoch * epochs
-    reasons.add("training.total_steps", total_steps,
-                f"ceil({samples} samples / {effective}) x {epochs} epochs = {steps_per_epoch} x {epochs}")
 
-    schedule = req.lr_schedule or T.DEFAULT_SCHEDULE
-    reasons.add("training.lr_schedule", schedule,
-                "given" if req.lr_schedule else '"Learning rate schedule": the tool uses a constant learning rate')
+def rule_total_steps(ctx: Context) -> Decision:
+    """Optimizer steps: ceil(samples / effective batch) per epoch, times the epochs."""
+    steps_per_epoch = math.ceil(ctx.samples / ctx.effective)
+    total = steps_per_epoch * ctx.epochs
+    return decide("total_steps", "training.total_steps", total,
+                  f"ceil({ctx.samples} samples / {ctx.effective}) x {ctx.epochs} epochs = {steps_per_epoch} x {ctx.epochs}")
+
+
+def rule_schedule(ctx: Context) -> Decision:
+    """Learning-rate schedule: given, else the tool's constant rate."""
+    req = ctx.request
+    return decide("schedule", "training.lr_schedule", req.lr_schedule or T.DEFAULT_SCHEDULE,
+                  "given" if req.lr_schedule else '"Learning rate schedule": the tool uses a constant learning rate')
+
+
+def rule_warmup(ctx: Context) -> Decision:
+    """Warmup steps: given, none for a constant rate, else 5% of the steps for a decaying schedule."""
+    req = ctx.request
     if req.warmup_steps is not None:
         warmup, why = req.warmup_steps, "given"
-    elif schedule == "constant":
+    elif ctx.schedule == "constant":
         warmup, why = 0, "constant schedule: no warmup"
     else:
-        warmup = math.ceil(T.WARMUP_FRACTION * total_steps)
-        why = f"'Warmup + decay': {T.WARMUP_FRACTION:.0%} of {total_steps} steps (the guide gives no number)"
-    reasons.add("training.warmup_steps", warmup, why)
-    reasons.add("training.weight_decay", 0.0, "the guide sets none; LoRA adapters are small and start at zero")
-    reasons.add("training.max_grad_norm", 1.0,
-                "clip at 1.0 (the guide's 'NaN values' sign of a too-high rate; a common LoRA default)")
+        warmup = math.ceil(T.WARMUP_FRACTION * ctx.total_steps)
+        why = f"'Warmup + decay': {T.WARMUP_FRACTION:.0%} of {ctx.total_steps} steps (the guide gives no number)"
+    return decide("warmup", "training.warmup_steps", warmup, why)
 
-    # --- memory, params, data summary -------------------------------------------------------
-    estimate = memory.estimate(shape, final, vram)
-    trainable = memory.trainable_params(shape, r, targets)
+
+def rule_regularization(ctx: Context) -> Decision:
+    """Weight decay (none) and gradient clipping (at 1.0): the guide names neither value."""
+    return Decision({"weight_decay": 0.0, "max_grad_norm": 1.0}, (
+        reason("training.weight_decay", 0.0, "the guide sets none; LoRA adapters are small and start at zero"),
+        reason("training.max_grad_norm", 1.0,
+               "clip at 1.0 (the guide's 'NaN values' sign of a too-high rate; a common LoRA default)")))
+
+
+# --------------------------------------------------------------------------- memory and data summary
+
+
+def fit_remedies(ctx: Context, b1: float) -> list[str]:
+    """What would make batch 1 (needing ``b1`` GiB) fit, in order, each with its saving."""
+    req, vram, ml, out = ctx.request, ctx.request.vram_gb, ctx.max_length, []
+    if ctx.quantization != "int8":
+        out.append(f"int8 quantization saves {_gb(b1 - need_gb(ctx, 1, 'int8'))}")
+    if ctx.shape.model_type in memory.PORT_TYPES and not ctx.remat:
+        out.append(f"gradient checkpointing (--remat) saves {_gb(b1 - need_gb(ctx, 1, remat=True))}")
+    if req.gpus > 1:
+        frozen = memory.breakdown(ctx.shape, setup_of(ctx, 1))["frozen_weights"] / GIB
+        out.append(f"--shard-frozen over the {req.gpus} GPUs saves {_gb(frozen * (1 - 1 / req.gpus))} per GPU")
+    shorter = next((n for n in range(ml - T.LENGTH_MULTIPLE, 0, -T.LENGTH_MULTIPLE)
+                    if need_gb(ctx, 1, length=n) <= vram), None)
+    shorter = shorter or max(T.LENGTH_MULTIPLE, ml // 2)
+    if shorter < ml:
+        out.append(f"max_length {ml} -> {shorter} saves {_gb(b1 - need_gb(ctx, 1, length=shorter))}")
+    if ctx.r > min(T.RANK_TABLE):
+        smaller = max(min(T.RANK_TABLE), ctx.r // 2)
+        out.append(f"r {ctx.r} -> {smaller} saves {_gb(b1 - need_gb(ctx, 1, rank=smaller))}")
+    return out
+
+
+def rule_memory(ctx: Context) -> Decision:
+    """The memory estimate of the advised setup and its trainable parameters, with warnings when
+    even batch 1 does not fit (and the remedies) or the targets match nothing."""
+    vram, warnings = ctx.request.vram_gb, []
+    b1 = need_gb(ctx, 1)
+    if b1 > vram:
+        remedies = fit_remedies(ctx, b1)
+        warnings.append(f"does not fit even at batch 1: needs {_gb(b1)} of {vram:g} GB. "
+                        f"In order: {'; '.join(remedies) or 'nothing left to cut'}; "
+                        "else choose a smaller model")
+    estimate = memory.estimate(ctx.shape, setup_of(ctx, ctx.batch), vram)
+    trainable = memory.trainable_params(ctx.shape, ctx.r, ctx.targets)
     if trainable == 0:
-        warnings.append(f"target modules {', '.join(targets)} match nothing in the assumed "
-                        f"{shape.model_type} shape: trainable params unknown")
-    stats = None
-    if lengths is not None:
-        truncated = sum(1 for n in lengths if n > max_length)
-        stats = DataStats(
-            path=str(req.data), samples=len(lengths),
-            length_unit="tokens" if tokenizer else "estimated-tokens",
-            tokenizer=str(tokenizer) if tokenizer else None,
-            chars_per_token=None if tokenizer else data_stats.CHARS_PER_TOKEN,
-            p50=data_stats.percentile(lengths, 50), p95=data_stats.percentile(lengths, 95),
-            max=max(lengths), truncated_at_max_length=truncated,
-        )
-        if truncated:
-            warnings.append(f"max_length {max_length} truncates {truncated} of {len(lengths)} samples "
-                            f"(longest: {max(lengths)} tokens)")
+        warnings.append(f"target modules {', '.join(ctx.targets)} match nothing in the assumed "
+                        f"{ctx.shape.model_type} shape: trainable params unknown")
+    return Decision({"memory": estimate, "trainable": trainable}, (), tuple(warnings))
 
+
+def rule_data_summary(ctx: Context) -> Decision:
+    """The data file's length statistics, with a warning when max_length truncates samples."""
+    lengths, tokenizer = ctx.lengths, ctx.tokenizer
+    if lengths is None:
+        return Decision({"stats": None})
+    truncated = sum(1 for n in lengths if n > ctx.max_length)
+    stats = DataStats(
+        path=str(ctx.request.data), samples=len(lengths),
+        length_unit="tokens" if tokenizer else "estimated-tokens",
+        tokenizer=str(tokenizer) if tokenizer else None,
+        chars_per_token=None if tokenizer else data_stats.CHARS_PER_TOKEN,
+        p50=data_stats.percentile(lengths, 50), p95=data_stats.percentile(lengths, 95),
+        max=max(lengths), truncated_at_max_length=truncated,
+    )
+    warnings = ()
+    if truncated:
+        warnings = (f"max_length {ctx.max_length} truncates {truncated} of {len(lengths)} samples "
+                    f"(longest: {max(lengths)} tokens)",)
+    return Decision({"stats": stats}, (), warnings)
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+Rule = Callable[[Context], Decision]
+
+PIPELINE: tuple[Rule, ...] = (
+    rule_model,
+    rule_data,
+    rule_rank,
+    rule_alpha,
+    rule_dropout,
+    rule_targets,
+    rule_max_length,
+    rule_precision,
+    rule_learning_rate,
+    rule_quantization,
+    rule_gradient_checkpointing,
+    rule_batch_size,
+    rule_accumulation,
+    rule_epochs,
+    rule_total_steps,
+    rule_schedule,
+    rule_warmup,
+    rule_regularization,
+    rule_memory,
+    rule_data_summary,
+)
+
+
+def run_rules(ctx: Context, rules: Iterable[Rule] = PIPELINE) -> tuple[Context, list[Reason], list[str]]:
+    """Apply ``rules`` in order: (final context, reasons, warnings), both in rule order."""
+    reasons: list[Reason] = []
+    warnings: list[str] = []
+    for rule in rules:
+        decision = rule(ctx)
+        ctx = replace(ctx, **decision.values)
+        reasons += decision.reasons
+        warnings += decision.warnings
+    return ctx, reasons, warnings
+
+
+def assemble(ctx: Context, reasons: Iterable[Reason], warnings: Iterable[str]) -> Advice:
+    """The Advice from a context the whole pipeline has run over."""
     return Advice(
-        request=req,
-        model=shape,
-        lora=LoraAdvice(r=r, alpha=alpha, dropout=dropout, target_modules=targets,
-                        target_preset=preset, scaling=scaling),
+        request=ctx.request,
+        model=ctx.shape,
+        lora=LoraAdvice(r=ctx.r, alpha=ctx.alpha, dropout=ctx.dropout, target_modules=ctx.targets,
+                        target_preset=ctx.preset, scaling=ctx.scaling),
         training=TrainingAdvice(
-            epochs=epochs, per_device_batch_size=batch, gradient_accumulation_steps=accum,
-            effective_batch_size=effective, gpus=req.gpus, learning_rate=lr, lr_schedule=schedule,
-            warmup_steps=warmup, max_length=max_length, precision=precision, quantization=quant,
-            gradient_checkpointing=remat, total_steps=total_steps,
+            epochs=ctx.epochs, per_device_batch_size=ctx.batch, gradient_accumulation_steps=ctx.accum,
+            effective_batch_size=ctx.effective, gpus=ctx.request.gpus, learning_rate=ctx.learning_rate,
+            lr_schedule=ctx.schedule, warmup_steps=ctx.warmup, max_length=ctx.max_length,
+            precision=ctx.precision, quantization=ctx.quantization, gradient_checkpointing=ctx.remat,
+            total_steps=ctx.total_steps, weight_decay=ctx.weight_decay, max_grad_norm=ctx.max_grad_norm,
         ),
-        memory=estimate,
-        trainable_params=trainable,
-        data=stats,
+        memory=ctx.memory,
+        trainable_params=ctx.trainable,
+        data=ctx.stats,
         reasons=tuple(reasons),
         warnings=tuple(warnings),
     )
+
+
+def advise(request: AdviceRequest) -> Advice:
+    """The advice for a validated request: :data:`PIPELINE` run in order, then assembled."""
+    return assemble(*run_rules(Context.of(request)))

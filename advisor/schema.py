@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
+from advisor.sizes import parse_size
+
 SCHEMA_VERSION = "1"
 
 Task = Literal[
@@ -32,6 +34,9 @@ Schedule = Literal["constant", "linear", "cosine"]
 Precision = Literal["bf16", "fp32"]
 Quantization = Literal["none", "int8"]
 TargetPreset = Literal["attention-qv", "attention", "attention-mlp"]
+# What the trainer does with a data row it cannot use, and with a non-finite loss.
+RowPolicy = Literal["skip", "fail"]
+DivergencePolicy = Literal["stop", "halve-lr"]
 
 
 class _Strict(BaseModel):
@@ -75,11 +80,7 @@ class AdviceRequest(_Strict):
     @classmethod
     def _size(cls, value):
         """Accept size classes like "1.3B" or "350M" as well as plain counts."""
-        if value is None:
-            return None
-        from advisor.catalog import parse_size
-
-        return parse_size(value)
+        return None if value is None else parse_size(value)
 
     @model_validator(mode="after")
     def _need_size(self) -> "AdviceRequest":

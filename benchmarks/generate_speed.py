@@ -1,4 +1,4 @@
-"""Greedy generation speed: KV-cached decoder vs the uncached one (``flax_lora.evaluate``).
+"""Greedy generation speed: KV-cached decoder vs the uncached one (``flax_lora.evaluation.generate``).
 
     JAX_PLATFORMS=cpu python benchmarks/generate_speed.py --layers 4 --hidden 256 --batch 8 --prompt 64 --new 64
 
@@ -36,7 +36,7 @@ def main() -> None:
     from flax.traverse_util import flatten_dict, unflatten_dict
     from transformers import LlamaConfig
 
-    from flax_lora.evaluate import make_greedy, make_greedy_cached
+    from flax_lora.evaluation.generate import make_greedy, make_greedy_cached
     from flax_lora.lora import LoraConfig, init_lora
     from flax_lora.models.llama import causal_lm_from_config
 

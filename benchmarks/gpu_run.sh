@@ -5,7 +5,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 # Parts (each with its own timeout inside a total budget; one failing does not stop the rest):
 #   a  SmolLM2-135M shape, bf16, 4 x 128: ours vs PyTorch + PEFT
 #   b  Llama-3.2-1B shape, bf16, 4 x 2048: ours (the default attention: cuDNN flash) vs PyTorch + PEFT
-#      (sdpa), then 3 steps traced: where the step's time goes, by kernel kind (trace_summary.py)
+#      (sdpa), then 3 steps traced: where the step's time goes, by kernel kind (flax_lora.perf.trace)
 #   c  Llama-3.2-1B shape, bf16, 8 x 2048, remat: ours
 #   every part records tokens/s, MFU (LoRA-aware FLOPs), peak memory and the advisor's estimate
 # GPU_RUN_TINY=1: a CPU dry run of the same logic on tiny shapes.

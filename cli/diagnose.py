@@ -17,8 +17,8 @@ from cli.advise import _OneLineErrors
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
 def diagnose(run_dir: Path, output: Path | None, as_json: bool) -> None:
     """Read RUN_DIR's metrics.jsonl and eval.json; report underfitting, overfitting or a bad learning rate."""
-    from flax_lora import diagnose as d
-    from flax_lora.errors import UserError
+    from advisor import diagnose as d
+    from advisor.errors import UserError
 
     run = d.load_run(run_dir)
     report = d.diagnose(run)

@@ -17,15 +17,18 @@ import click
 @click.option("--force", is_flag=True, help="Write into a non-empty output directory.")
 def export(run_dir: Path, fmt: str, out: Path, base: str | None, force: bool) -> None:
     """Export RUN_DIR's adapter (RUN_DIR/adapter/, or an adapter directory) for PEFT, or merged."""
+    from flax_lora.adapters.find import find_adapter
+    from flax_lora.adapters.merged import export_merged
+    from flax_lora.adapters.peft import PEFT_CONFIG, PEFT_WEIGHTS, export_peft
     from flax_lora.errors import UserError
-    from flax_lora.export import PEFT_CONFIG, PEFT_WEIGHTS, adapter_dir, export_merged, export_peft
 
     if out.exists() and any(out.iterdir()) and not force:
         raise UserError(f"{out} exists and is not empty (use --force to write into it)")
+    adapter, _ = find_adapter(run_dir, kinds=("native",))
     if fmt == "peft":
-        export_peft(run_dir, out)
-        click.echo(f"wrote {out / PEFT_CONFIG} and {out / PEFT_WEIGHTS} (from {adapter_dir(run_dir)})")
+        export_peft(adapter, out)
+        click.echo(f"wrote {out / PEFT_CONFIG} and {out / PEFT_WEIGHTS} (from {adapter})")
     else:
-        export_merged(run_dir, out, base)
+        export_merged(adapter, out, base)
         files = ", ".join(sorted(p.name for p in out.iterdir()))
         click.echo(f"wrote merged checkpoint to {out}: {files}")

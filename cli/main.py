@@ -12,6 +12,8 @@ import sys
 
 import click
 
+from advisor.errors import UserError
+
 # command name -> "module:attribute"; modules are imported lazily.
 COMMANDS: dict[str, str] = {
     "advise": "cli.advise:advise",
@@ -43,16 +45,6 @@ class UserFacingError(click.ClickException):
         click.echo(f"error: {self.format_message()}", err=True)
 
 
-def user_error_types() -> tuple[type[BaseException], ...]:
-    """Exception types that mean "the user's input was wrong" (already loaded modules only)."""
-    types: list[type[BaseException]] = []
-    for mod, name in (("advisor.errors", "AdviceError"), ("flax_lora.errors", "UserError")):
-        module = sys.modules.get(mod)
-        if module is not None:
-            types.append(getattr(module, name))
-    return tuple(types)
-
-
 class LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(COMMANDS)
@@ -81,7 +73,7 @@ class LazyGroup(click.Group):
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
-        except user_error_types() as exc:
+        except UserError as exc:
             raise UserFacingError(str(exc)) from None
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
             raise UserFacingError(f"{exc.strerror or exc}: {exc.filename}") from None

@@ -1,4 +1,4 @@
-"""`lora train`, `lora eval`, `lora generate`: thin CLI over flax_lora.trainer (jax imported lazily)."""
+"""`lora train`, `lora eval`, `lora generate`: thin CLI over flax_lora.training (jax imported lazily)."""
 
 from __future__ import annotations
 
@@ -15,37 +15,27 @@ def _load_advice(path: str):
     p = Path(path)
     if not p.is_file():
         raise UserError(f"advice file not found: {path}")
-    text = p.read_text()
     try:
-        return Advice.from_json(text), text
+        return Advice.from_json(p.read_text())
     except ValueError as exc:  # pydantic ValidationError is a ValueError
         first = str(exc).splitlines()
         raise UserError(f"{path}: not a valid advice file ({' '.join(first[:3])})") from None
 
 
-def _default_advice(model: str | None, data: str | None, quiet: bool):
-    """The advisor's advice for this data (no --from-advice), or None (guide defaults) if unavailable."""
-    try:
-        from advisor import advise
-    except ImportError:
-        return None, None
-    try:
-        if data is None:  # the demo
-            from flax_lora.demo import N_TRAIN
+def _report_to(value: str | None):
+    """``tensorboard,wandb`` -> ("tensorboard", "wandb"); ``none`` -> ()."""
+    if value is None:
+        return None
+    names = tuple(dict.fromkeys(n.strip().lower() for n in value.split(",") if n.strip()))
+    if names in ((), ("none",)):
+        return ()
+    from flax_lora.errors import UserError
+    from flax_lora.training.report import REPORTERS
 
-            adv = advise(samples=N_TRAIN, vram_gb=12.0)
-        else:
-            adv = advise(data=data, vram_gb=_vram_gb(), model=model)
-    except Exception as exc:  # advice is a convenience here: fall back to the guide's defaults
-        return None, f"advisor unavailable for this data ({str(exc).splitlines()[0][:200]}); using the guide's defaults"
-    return adv, adv.to_json()
-
-
-def _vram_gb() -> float:
-    import jax
-
-    stats = jax.devices()[0].memory_stats() or {}
-    return round(stats.get("bytes_limit", 16 * 2**30) / 2**30, 1)
+    bad = [n for n in names if n not in REPORTERS]
+    if bad:
+        raise UserError(f"--report-to {value!r}: use none or a comma-separated list of {', '.join(REPORTERS)}")
+    return names
 
 
 @click.command("train")
@@ -83,10 +73,14 @@ def _vram_gb() -> float:
 @click.option("--coordinator", type=str, help="Several hosts: process 0's host:port (or LORA_COORDINATOR).")
 @click.option("--num-processes", type=click.IntRange(min=1), help="Several hosts: process count (or LORA_NUM_PROCESSES).")
 @click.option("--process-id", type=click.IntRange(min=0), help="Several hosts: this process's id (or LORA_PROCESS_ID).")
+@click.option("--report-to", "report_to", type=str,
+              help="Also write metrics to: none (default), tensorboard (event files in RUN/events), wandb, or both "
+                   "(comma-separated).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or messages (scripts).")
 def train(advice_file, model, data, eval_data, output, max_steps, epochs, batch_size, grad_accum, max_length,
           learning_rate, save_every, eval_every, resume, seed, precision, quantization, input_field, target_field,
-          adapter, on_bad_row, on_divergence, shard_frozen, remat, coordinator, num_processes, process_id, quiet):
+          adapter, on_bad_row, on_divergence, shard_frozen, remat, coordinator, num_processes, process_id, report_to,
+          quiet):
     """Train a LoRA adapter: flags override the advice; no --model/--data trains the built-in demo.
 
     Ctrl-C / SIGTERM save a checkpoint and exit 130 / 143; `lora train --output DIR --resume`
@@ -97,23 +91,20 @@ def train(advice_file, model, data, eval_data, output, max_steps, epochs, batch_
     variables, or under SLURM with none); --output must be a folder all hosts share, and
     process 0 alone writes it.
     """
-    from flax_lora.parallel import init_distributed
+    from flax_lora.training.parallel import init_distributed
 
     init_distributed(coordinator, num_processes, process_id)  # before any other JAX use; no-op on one host
     from flax_lora.errors import Interrupted
-    from flax_lora.run import RunDir
-    from flax_lora.trainer import config_for_resume, train as run_train
+    from flax_lora.training.loop import train as run_train
+    from flax_lora.training.parallel import agreed
 
     overrides = dict(eval_data=eval_data, max_steps=max_steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
                      max_length=max_length, learning_rate=learning_rate, save_every=save_every, eval_every=eval_every,
                      seed=seed, precision=precision, quantization=quantization, input_field=input_field, target_field=target_field,
                      adapter=adapter, on_bad_row=on_bad_row, on_divergence=on_divergence, shard_frozen=shard_frozen,
-                     remat=remat)
-    note = None
-    if resume and model is None and data is None and not advice_file and RunDir(output).exists():
-        cfg, advice_json = config_for_resume(output, overrides), None  # the run folder is enough to resume
-    else:
-        cfg, advice_json, note = _fresh_config(advice_file, model, data, output, overrides, quiet)
+                     remat=remat, report_to=_report_to(report_to))
+    # every process plans the same run; a user error on any one stops all of them (none waits at a collective)
+    cfg, advice_json, note = agreed(_plan, advice_file, model, data, output, overrides, resume)
     try:
         result = run_train(cfg, resume=resume, advice_json=advice_json, quiet=quiet, note=note)
     except Interrupted as exc:
@@ -126,17 +117,17 @@ def train(advice_file, model, data, eval_data, output, max_steps, epochs, batch_
                                "rougeL": result["after"].get("rougeL")}))
 
 
-def _fresh_config(advice_file, model, data, output, overrides, quiet):
-    from flax_lora.trainer import config_from_advice
+def _plan(advice_file, model, data, output, overrides, resume):
+    """(run config, advice JSON to record or None, note): a resume needs only the run folder; a new
+    run takes the advice file, or asks the advisor for this model and data."""
+    from flax_lora.training.config import advice_for, config_for_resume, config_from_advice
+    from flax_lora.training.rundir import RunDir
 
-    note = None
-    if advice_file:
-        advice, advice_json = _load_advice(advice_file)
-    else:
-        advice, advice_json = _default_advice(model, data, quiet)
-        if advice is None:
-            note, advice_json = advice_json, None
-    return config_from_advice(advice, model=model, data=data, output=output, overrides=overrides), advice_json, note
+    if resume and model is None and data is None and not advice_file and RunDir(output).exists():
+        return config_for_resume(RunDir(output).load_config(), output, overrides), None, None
+    advice, note = (_load_advice(advice_file), None) if advice_file else advice_for(model, data)
+    cfg = config_from_advice(advice, model=model, data=data, output=output, overrides=overrides)
+    return cfg, advice.to_json(), note
 
 
 @click.command("eval")
@@ -145,12 +136,12 @@ def _fresh_config(advice_file, model, data, output, overrides, quiet):
 @click.option("--rouge-examples", type=click.IntRange(min=0), default=32, show_default=True)
 def eval_cmd(run_dir, data, rouge_examples):
     """Evaluate a run directory's adapter: loss, perplexity, ROUGE-1/2/L (JSON on stdout)."""
-    from flax_lora.evaluate import Evaluator
-    from flax_lora.trainer import load_run
+    from flax_lora.evaluation.evaluator import Evaluator
+    from flax_lora.training.build import load_run
 
     s, lora = load_run(run_dir, data=data)
     ev = Evaluator(s.model, s.lora_cfg, s.tokenizer, s.eval_examples, max_length=s.cfg.max_length,
-                   batch_size=min(16, len(s.eval_examples)), max_new_tokens=s.cfg.max_new_tokens)
+                   max_new_tokens=s.cfg.max_new_tokens)
     res = ev.evaluate(lora, s.model.params, rouge_examples)
     res.pop("samples", None)
     click.echo(json.dumps(res, indent=2))
@@ -167,22 +158,22 @@ def generate(run_dir, model, adapter, prompt, max_new_tokens):
     import numpy as np
 
     from flax_lora.errors import UserError
-    from flax_lora.evaluate import Evaluator
+    from flax_lora.evaluation.evaluator import Evaluator
     from flax_lora.lora import LoraConfig
 
     if bool(run_dir) == bool(model):
         raise UserError("give a RUN_DIR or --model (with an optional --adapter), not both")
     if run_dir:
-        from flax_lora.trainer import load_run
+        from flax_lora.training.build import load_run
 
         s, lora = load_run(run_dir)
         m, tok, lora_cfg = s.model, s.tokenizer, s.lora_cfg
     else:
-        from flax_lora.adapter import load_any_adapter, resolve_adapter_dir
+        from flax_lora.adapters.find import find_adapter, load_any_adapter
         from flax_lora.models import load_model, load_tokenizer
 
         if adapter:
-            resolve_adapter_dir(adapter)  # a wrong path fails before the model loads
+            find_adapter(adapter)  # a wrong path fails before the model loads
         m, tok = load_model(model), load_tokenizer(model)
         lora, lora_cfg = {}, LoraConfig(1, 1.0)
         if adapter:

@@ -1,11 +1,8 @@
-"""The training backend's one user-facing error type."""
+"""The training backend's error types: the project's UserError (exit 2) and two run outcomes."""
 
+from advisor.errors import UserError
 
-class UserError(Exception):
-    """A mistake the user can fix (missing file, unknown model, bad field, ...).
-
-    The CLI prints the message as one line and exits with code 2.
-    """
+__all__ = ["Diverged", "Interrupted", "UserError"]
 
 
 class Diverged(UserError):

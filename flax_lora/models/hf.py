@@ -1,10 +1,8 @@
-"""transformers' Flax causal LMs as :class:`CausalLM`: config, weights and tokenizer loading.
+"""transformers' Flax causal LMs as :class:`CausalLM`, for the families without an own port.
 
-Weights come from a local folder or a Hub snapshot: ``flax_model.msgpack`` through
-transformers, a PyTorch-layout ``model.safetensors`` through
-:func:`flax_lora.models.weights.torch_to_flax` (no torch needed). Remote code is never run: a
-config with ``auto_map`` for a model type we do not implement is refused, and transformers is
-always called with ``trust_remote_code=False``.
+Weights come from a local folder or a Hub snapshot (:mod:`flax_lora.models.hub`):
+``flax_model.msgpack`` through transformers, a PyTorch-layout ``model.safetensors`` through
+:func:`flax_lora.models.weights.torch_to_flax` (no torch needed).
 """
 
 from __future__ import annotations
@@ -19,7 +17,8 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from flax_lora.errors import UserError
-from flax_lora.models import CausalLM
+from flax_lora.models.base import CausalLM
+from flax_lora.models.hub import resolve
 
 
 class _HideFlaxDeprecation(logging.Filter):
@@ -33,7 +32,6 @@ class _HideFlaxDeprecation(logging.Filter):
 logging.getLogger("transformers.modeling_flax_utils").addFilter(_HideFlaxDeprecation())
 
 SUPPORTED = ("gpt2", "opt", "gpt_neo", "gptj", "bloom", "llama", "mistral", "gemma")
-_WEIGHT_FILES = ["config.json", "*.safetensors", "flax_model.msgpack", "*.json", "*.model", "*.txt"]
 
 
 def _flax_class(config):
@@ -46,70 +44,6 @@ def _flax_class(config):
             f"supported: {', '.join(SUPPORTED)}"
         )
     return FlaxAutoModelForCausalLM._model_mapping[type(config)]
-
-
-def resolve(source: str) -> Path:
-    """A local folder holding the model: ``source`` itself, or a Hub snapshot (cache or download)."""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1:
-        raise UserError(f"model {source!r}: no such folder")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(source, allow_patterns=_WEIGHT_FILES))
-    except Exception as exc:  # offline, unknown repo, gated, ...
-        raise UserError(
-            f"model {source!r} is neither a local folder nor reachable on the Hugging Face Hub "
-            f"({type(exc).__name__}); pass a local folder with config.json and weights"
-        ) from None
-
-
-_TORCH_DTYPES = (None, "float32", "float16", "bfloat16", "float64", "auto")
-
-
-def read_config_json(folder: Path, source: str) -> dict:
-    """config.json as a dict, refused when it asks for remote code, minus an invalid dtype."""
-    import json
-
-    path = folder / "config.json"
-    if not path.is_file():
-        raise UserError(f"model {source!r}: {folder} has no config.json")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise UserError(f"model {source!r}: unreadable config.json ({exc})") from None
-    if not isinstance(raw, dict) or not isinstance(raw.get("model_type"), str):
-        raise UserError(f"model {source!r}: config.json has no model_type")
-    if raw.get("auto_map") and raw["model_type"] not in SUPPORTED + _ports():
-        raise UserError(
-            f"model {source!r}: config.json asks to run the model's own Python code (auto_map: "
-            f"{', '.join(sorted(raw['auto_map']))}); lora never runs remote code. Supported model types: "
-            f"{', '.join(SUPPORTED)}"
-        )
-    for key in ("dtype", "torch_dtype"):  # transformers' Flax save_pretrained writes "dtype": "numpy"
-        if raw.get(key) not in _TORCH_DTYPES:
-            raw.pop(key)
-    raw.pop("auto_map", None)  # a supported model type runs our code, never the folder's
-    return raw
-
-
-def _ports() -> tuple[str, ...]:
-    from flax_lora.models.llama import MODEL_TYPES
-
-    return tuple(MODEL_TYPES)
-
-
-def load_config(source: str):
-    """The transformers config of a model folder or Hub id; remote code is never trusted."""
-    from transformers import AutoConfig
-
-    raw = read_config_json(resolve(source), source)
-    try:
-        return AutoConfig.for_model(**raw)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"model {source!r}: unusable config.json ({str(exc).splitlines()[0][:300]})") from None
 
 
 def _cast(params, dtype):
@@ -180,29 +114,7 @@ def load_hf(source: str, config, *, dtype=jnp.float32) -> CausalLM:
     return CausalLM(model.module, _cast(params, dtype), config, config.model_type, source, dtype)
 
 
-def prepare_tokenizer(tok):
-    """Give a tokenizer without a pad token one (eos, masked out of the loss by our masks)."""
-    if tok.pad_token is None:
-        if tok.eos_token is None:
-            raise UserError("tokenizer has neither a pad nor an eos token")
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "right"
-    return tok
-
-
-def load_tokenizer(source: str):
-    from transformers import AutoTokenizer
-
-    folder = resolve(source)
-    try:
-        read_config_json(folder, source)  # refuses remote code before transformers looks at the folder
-        tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"model {source!r}: no usable tokenizer in {folder} ({exc})") from None
-    return prepare_tokenizer(tok)
-
-
-def save_pt_safetensors(folder: str | os.PathLike, params, config, base_prefix: str = "") -> Path:
+def save_pt_safetensors(folder: str | os.PathLike, params, config) -> Path:
     """Write ``params`` as a PyTorch-layout ``model.safetensors`` (+ config) — test fixtures, the demo.
 
     The config is written first and the weights (atomically) last, so a folder whose

@@ -28,7 +28,6 @@ Attention dropout is not implemented (0 in every supported checkpoint).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from functools import partial
@@ -39,14 +38,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax.traverse_util import flatten_dict, unflatten_dict
 from jax import lax
 
 from flax_lora.errors import UserError
+from flax_lora.models.base import CausalLM, param_shapes
+from flax_lora.models.hub import read_config_json, resolve
+from flax_lora.models.stacking import STACK, stack_layers
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
-STACK = "stack"  # name of the scanned layer module: model/layers/stack/...
-_LAYERS = ("model", "layers")
 
 
 # ----------------------------------------------------------------------------- config helpers
@@ -127,9 +126,9 @@ def _fused_attention(dtype, head_dim: int) -> str | None:
 
     ``LORA_ATTENTION`` overrides: ``xla`` (explicit scores), ``auto`` (jax picks), ``cudnn``
     (flash attention on NVIDIA GPUs, bf16/fp16). Unset: cuDNN flash attention on GPUs in
-    bf16/fp16 where cuDNN supports the head size, explicit scores elsewhere. Measured on an
-    H200, Llama-3.2-1B shape, 4 x 2048 bf16: 3.05x the tokens/s and 1/5.7 the peak memory
-    of explicit scores (benchmarks/RESULTS.md).
+    bf16/fp16 where cuDNN supports the head size, explicit scores elsewhere: flash attention
+    never materialises the [B, H, T, T] scores, so it is both faster and far smaller on GPUs
+    (measured figures: benchmarks/RESULTS.md, "GPU").
     """
     impl = os.environ.get("LORA_ATTENTION")
     if impl is not None:
@@ -166,8 +165,8 @@ class RMSNorm(nn.Module):
 
         # Recomputed in the backward pass, so autodiff saves x (compute dtype), not its float32
         # copy: with scanned layers every saved value is an [L, ...] stack written, zero-filled
-        # and read back; -4.8 GB of HBM traffic per Llama-3.2-1B 4 x 2048 bf16 step on a GPU
-        # by the compiled HLO (benchmarks/hlo_bytes.py). Same values: the same ops run again.
+        # and read back, so a smaller residual is less memory traffic (figures:
+        # benchmarks/RESULTS.md). Same values: the same ops run again.
         return jax.checkpoint(norm, prevent_cse=False)(x, weight)
 
 
@@ -262,8 +261,8 @@ class MLP(nn.Module):
         up = dense(cfg.intermediate_size, bias, name="up_proj")(x)
         # Recomputed in the backward pass, so autodiff saves gate and up for it, not also
         # sigmoid(gate), its derivative and silu(gate): 2 instead of 5 [B, T, intermediate]
-        # stacks per layer when scanned, -28 GB of HBM traffic and -6 GiB of XLA's peak per
-        # Llama-3.2-1B 4 x 2048 bf16 step on a GPU by the compiled HLO (benchmarks/hlo_bytes.py).
+        # residuals per layer (stacks when scanned), less memory traffic and a lower peak
+        # (figures: benchmarks/RESULTS.md).
         h = jax.checkpoint(lambda g, u: act[cfg.hidden_act](g) * u, prevent_cse=False)(gate, up)
         return dense(cfg.hidden_size, bias, name="down_proj")(h)
 
@@ -402,73 +401,17 @@ class _Backbone(nn.Module):
         return x, hidden, embed.embedding
 
 
-# ----------------------------------------------------------------------------- layouts
-
-
-def stack_layers(tree: Mapping, num_layers: int | None = None, fill_missing: bool = False) -> dict:
-    """Per-layer ``model/layers/<i>/...`` -> scanned ``model/layers/stack/...`` [L, ...].
-
-    Works on params and on LoRA trees. With ``fill_missing`` a layer absent from the tree (an
-    adapter on some layers only) gets zeros, which is exact for LoRA (zero delta).
-    """
-    flat = flatten_dict(dict(tree))
-    groups: dict[tuple, dict[int, Any]] = {}
-    out = {}
-    for k, v in flat.items():
-        if k[:2] == _LAYERS and len(k) > 2 and k[2].isdigit():
-            groups.setdefault(k[3:], {})[int(k[2])] = v
-        else:
-            out[k] = v
-    for rest, per in groups.items():
-        n = num_layers or (max(per) + 1)
-        missing = [i for i in range(n) if i not in per]
-        if missing and not fill_missing:
-            raise UserError(f"layer {missing[0]} has no {'/'.join(rest)}; cannot stack layers")
-        ref = next(iter(per.values()))
-        zeros = jnp.zeros_like(ref)
-        out[_LAYERS + (STACK,) + rest] = jnp.stack([per.get(i, zeros) for i in range(n)])
-    return unflatten_dict(out)
-
-
-def unstack_layers(tree: Mapping) -> dict:
-    """Scanned ``model/layers/stack/...`` [L, ...] -> per-layer ``model/layers/<i>/...``."""
-    out = {}
-    for k, v in flatten_dict(dict(tree)).items():
-        if k[:3] == _LAYERS + (STACK,):
-            for i in range(v.shape[0]):
-                out[_LAYERS + (str(i),) + k[3:]] = v[i]
-        else:
-            out[k] = v
-    return unflatten_dict(out)
-
-
 # ----------------------------------------------------------------------------- loading
 
 
 def load_config(path: str | Path):
-    """transformers config of a checkpoint directory, checked to be a supported Llama family.
-
-    A ``"dtype": "numpy"`` written by transformers' Flax ``save_pretrained`` is dropped (it
-    makes ``AutoConfig`` fail wherever torch is installed).
-    """
+    """transformers config of a checkpoint directory, checked to be a supported Llama family."""
     from transformers import AutoConfig
 
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise UserError(f"{path}: no config.json")
-    raw = json.loads((path / "config.json").read_text())
-    if raw.get("model_type") not in MODEL_TYPES:
-        raise UserError(f"{path}: model_type {raw.get('model_type')!r} is not one of {', '.join(MODEL_TYPES)}")
-    for key in ("dtype", "torch_dtype"):
-        if raw.get(key) not in (None, "float32", "float16", "bfloat16", "float64", "auto"):
-            raw.pop(key)
+    raw = read_config_json(Path(path), str(path), MODEL_TYPES)
+    if raw["model_type"] not in MODEL_TYPES:
+        raise UserError(f"{path}: model_type {raw['model_type']!r} is not one of {', '.join(MODEL_TYPES)}")
     return AutoConfig.for_model(**raw)
-
-
-def param_shapes(module: LlamaForCausalLM) -> dict:
-    """Abstract params tree (``jax.ShapeDtypeStruct`` leaves) of ``module`` -- nothing computed."""
-    ids = jnp.zeros((1, 1), jnp.int32)
-    return jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), ids))["params"]
 
 
 def load_llama(
@@ -512,9 +455,6 @@ def load_causal_lm(source: str, config=None, *, dtype=jnp.float32, scan: bool = 
 
     Frozen params are stored in the compute ``dtype``, like the transformers-backed loader.
     """
-    from flax_lora.models import CausalLM
-    from flax_lora.models.hf import resolve
-
     folder = resolve(source)
     config = config if config is not None else load_config(folder)
     scan = scan and len(set(layer_windows(config))) == 1  # scan needs one attention window for all layers
@@ -524,8 +464,6 @@ def load_causal_lm(source: str, config=None, *, dtype=jnp.float32, scan: bool = 
 
 def causal_lm_from_config(config, *, dtype=jnp.float32, seed: int = 0, source: str = "config"):
     """A random-initialised ``CausalLM`` of the Llama family (tests, demos)."""
-    from flax_lora.models import CausalLM
-
     module, params, config = load_llama(config, dtype, dtype, seed=seed)
     return CausalLM(module, params, config, config.model_type, source, dtype)
 

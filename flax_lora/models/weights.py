@@ -139,7 +139,7 @@ def safetensors_bytes(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, 
 
 def write_checkpoint(directory: str | Path, tensors: Mapping[str, np.ndarray], max_shard_bytes: int = 5 * 2**30) -> list[Path]:
     """Write ``model.safetensors`` (or shards + index past ``max_shard_bytes``) atomically."""
-    from flax_lora.io import atomic_write_bytes, atomic_write_json
+    from advisor.io import atomic_write_bytes, atomic_write_json
 
     directory = Path(directory)
     shards: list[dict[str, np.ndarray]] = [{}]

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flax_lora.models.llama import hf_wrapper, load_llama, stack_layers, unstack_layers
+from flax_lora.models.llama import hf_wrapper, load_llama
+from flax_lora.models.stacking import stack_layers, unstack_layers
 from flax_lora.models.weights import read_checkpoint, torch_to_flax
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -131,7 +132,8 @@ def test_tied_checkpoint_has_no_lm_head_and_untied_does():
 
 def test_shape_mismatch_names_the_tensor(tmp_path):
     from flax_lora.errors import UserError
-    from flax_lora.models.llama import LlamaForCausalLM, load_config, param_shapes
+    from flax_lora.models.base import param_shapes
+    from flax_lora.models.llama import LlamaForCausalLM, load_config
 
     config = load_config(FIXTURES / "llama_theta_gqa_headdim")
     config.head_dim = 8  # what transformers' FlaxLlama assumes (hidden / heads)

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.helpers import run_config
 from click.testing import CliRunner
 
 from cli.main import cli
@@ -84,18 +86,17 @@ def test_sigint_and_sigterm_save_a_checkpoint_and_exit_130_143(tmp_path, env):
 
 
 def _api_run(out: Path, resume: bool = False, **over):
-    from flax_lora.trainer import config_from_advice, train
+    from flax_lora.training.loop import train
 
     base = dict(max_steps=6, save_every=3, log_every=3, eval_every=0, rouge_examples=0)
-    cfg = config_from_advice(None, model=None, data=None, output=str(out), overrides={**base, **over})
-    return train(cfg, resume=resume, quiet=True)
+    return train(run_config(None, None, out, **{**base, **over}), resume=resume, quiet=True)
 
 
 def _latest_checkpoint_is_finite(run: Path) -> int:
     import jax
     import orbax.checkpoint as ocp
 
-    from flax_lora.checkpoint import Checkpoints
+    from flax_lora.training.checkpoint import Checkpoints
 
     ckpt = Checkpoints(run / "checkpoints")
     step = ckpt.latest_step()
@@ -137,17 +138,17 @@ def test_a_signal_while_loading_stops_before_training_and_resumes(tmp_path, monk
     """SIGINT during the model/data load: exit 130 before any compile, the folder a resumable run."""
     import os
 
-    from flax_lora import trainer
     from flax_lora.errors import Interrupted
+    from flax_lora.training import loop
 
-    real_build = trainer.build
+    real_build = loop.build
 
     def build_then_signal(*a, **k):
         out = real_build(*a, **k)
         os.kill(os.getpid(), signal.SIGINT)  # handled by the trainer: sets the flag, the load finishes
         return out
 
-    monkeypatch.setattr(trainer, "build", build_then_signal)
+    monkeypatch.setattr(loop, "build", build_then_signal)
     run = tmp_path / "run"
     with pytest.raises(Interrupted) as info:
         _api_run(run)
@@ -155,7 +156,7 @@ def test_a_signal_while_loading_stops_before_training_and_resumes(tmp_path, monk
     assert "while loading, before training started" in str(info.value)
     assert f"lora train --output {run} --resume" in str(info.value)
     assert (run / "run_config.json").is_file() and not (run / "metrics.jsonl").exists() and not [n for n in _ckpts(run) if n.isdigit()]
-    monkeypatch.setattr(trainer, "build", real_build)
+    monkeypatch.setattr(loop, "build", real_build)
     assert _api_run(run, resume=True)["step"] == 6
 
 
@@ -177,7 +178,9 @@ def test_a_checkpoint_saved_just_before_the_divergence_is_not_kept(tmp_path, jax
 
 
 def test_halve_lr_rolls_back_and_finishes(tmp_path, jax_cache):
-    result = _api_run(tmp_path / "run", learning_rate=1e8, save_every=2, log_every=2, on_divergence="halve-lr")
+    # q/v only, batch 4 x 1: a run that diverges at step 6 at this rate, after a good checkpoint at step 4
+    result = _api_run(tmp_path / "run", learning_rate=1e8, save_every=2, log_every=2, on_divergence="halve-lr",
+                      batch_size=4, grad_accum=1, dropout=0.1, target_preset="attention-qv")
     assert result["step"] == 6
     events = [r for r in _rows(tmp_path / "run") if r.get("event") == "diverged"]
     assert 1 <= len(events) <= 3 and [e["retry"] for e in events] == list(range(1, len(events) + 1))

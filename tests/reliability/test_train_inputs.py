@@ -10,16 +10,16 @@ import pytest
 from click.testing import CliRunner
 
 from cli.main import cli
+from tests.helpers import run_config
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, jax_cache):
     """A short finished demo run (model/, data/, adapter/, checkpoints/), no ROUGE (generation compiles)."""
-    from flax_lora.trainer import config_from_advice, train
+    from flax_lora.training.loop import train
 
     out = tmp_path_factory.mktemp("reliab") / "run"
-    train(config_from_advice(None, model=None, data=None, output=str(out),
-                             overrides=dict(max_steps=4, save_every=2, rouge_examples=0)), quiet=True)
+    train(run_config(None, None, out, max_steps=4, save_every=2, rouge_examples=0), quiet=True)
     return out
 
 
@@ -86,7 +86,7 @@ def test_torn_metrics_line_is_skipped_by_diagnose_and_repaired_by_resume(run, tm
         f.write('{"step": 5, "epoch": 0.01, "lo')  # a kill mid-append
     res = lora("diagnose", str(copy))
     assert res.exit_code == 0 and "cut off mid-write" in res.output, res.output
-    from flax_lora.run import RunDir
+    from flax_lora.training.rundir import RunDir
 
     assert all("step" in r for r in RunDir(copy).read_metrics())
     res = lora("train", "--output", str(copy), "--resume", "--max-steps", "6", "-q")
@@ -100,9 +100,9 @@ def test_torn_metrics_line_is_skipped_by_diagnose_and_repaired_by_resume(run, tm
 
 
 def test_generate_and_continue_training_from_native_and_peft_adapters(run, tmp_path, monkeypatch):
-    from flax_lora.export import export_peft
+    from flax_lora.adapters.peft import export_peft
 
-    peft = export_peft(run, tmp_path / "peft")
+    peft = export_peft(run / "adapter", tmp_path / "peft")
     prompt = ["--prompt", "reverse 1 2 3 4 :", "--max-new-tokens", "4"]
     native = lora("generate", "--model", str(run / "model"), "--adapter", str(run / "adapter"), *prompt)
     via_peft = lora("generate", "--model", str(run / "model"), "--adapter", str(peft), *prompt)
@@ -126,9 +126,9 @@ def test_mismatching_adapters_name_the_first_mismatch(run, tmp_path):
     import numpy as np
     from safetensors.numpy import load_file, save_file
 
-    from flax_lora.export import export_peft
+    from flax_lora.adapters.peft import export_peft
 
-    peft = export_peft(run, tmp_path / "peft")
+    peft = export_peft(run / "adapter", tmp_path / "peft")
     tensors = load_file(str(peft / "adapter_model.safetensors"))
     renamed = {k.replace("attn.c_attn", "attn.q_proj"): v for k, v in tensors.items()}
     save_file(renamed, str(peft / "adapter_model.safetensors"))
@@ -147,7 +147,7 @@ def test_mismatching_adapters_name_the_first_mismatch(run, tmp_path):
                "--adapter", str(native), "--output", str(tmp_path / "o"), "--max-steps", "1")
     assert res.exit_code == 2 and f"adapter tensor {first} has shape (3, 3)" in res.output, res.output
     res = lora("generate", "--model", str(run / "model"), "--adapter", str(tmp_path / "nope"), "--prompt", "x")
-    assert res.exit_code == 2 and "no such directory" in res.output
+    assert res.exit_code == 2 and "no such run or adapter directory" in res.output
 
 
 # ----------------------------------------------------------------------------- model loading
@@ -190,7 +190,7 @@ def test_remote_code_config_is_refused_before_anything_runs(run, tmp_path):
 
 def test_output_paths_stay_inside_the_run_folder(run, tmp_path):
     from flax_lora.errors import UserError
-    from flax_lora.run import RunDir
+    from flax_lora.training.rundir import RunDir
 
     rd = RunDir(tmp_path / "r")
     with pytest.raises(UserError, match="outside the output folder"):

@@ -3,8 +3,6 @@ frozen weights) and two processes on localhost (CPU collectives), each in a fres
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,21 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.helpers import free_port, host_devices_env
+
 WORKER = Path(__file__).with_name("worker.py")
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _env(devices: int) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["JAX_PLATFORMS"] = "cpu"
-    for k in ("LORA_COORDINATOR", "LORA_NUM_PROCESSES", "LORA_PROCESS_ID", "SLURM_JOB_ID"):
-        env.pop(k, None)
-    return env
-
-
 def _start(out, devices, *extra):
-    return subprocess.Popen([sys.executable, str(WORKER), str(out), *extra], env=_env(devices),
+    return subprocess.Popen([sys.executable, str(WORKER), str(out), *extra], env=host_devices_env(devices),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -35,19 +26,13 @@ def _wait(proc, timeout=240):
     assert proc.returncode == 0, out[-3000:]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     d = tmp_path_factory.mktemp("dp")
     procs = [_start(d / "one.npz", 1), _start(d / "four.npz", 4), _start(d / "fsdp.npz", 4, "--shard-frozen")]
     for p in procs:
         _wait(p)
-    port = str(_free_port())
+    port = str(free_port())
     multi = [_start(d / "multi.npz", 2, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
                     "--process-id", str(i)) for i in (1, 0)]
     for p in multi:
@@ -74,7 +59,7 @@ def test_matches_single_device(runs, name, devices, processes):
 
 def test_partial_multihost_config_is_a_user_error(monkeypatch):
     from flax_lora.errors import UserError
-    from flax_lora.parallel import init_distributed
+    from flax_lora.training.parallel import init_distributed
 
     monkeypatch.setenv("LORA_COORDINATOR", "127.0.0.1:1234")
     monkeypatch.delenv("LORA_NUM_PROCESSES", raising=False)
@@ -84,7 +69,7 @@ def test_partial_multihost_config_is_a_user_error(monkeypatch):
 
 
 def test_fsdp_splits_the_largest_divisible_dim_not_the_layer_axis():
-    from flax_lora.parallel import _fsdp_spec
+    from flax_lora.training.parallel import _fsdp_spec
 
     assert tuple(_fsdp_spec((30, 576, 1536), 4, stacked=True)) == (None, None, "data")
     assert tuple(_fsdp_spec((49152, 576), 4, stacked=False)) == ("data", None)

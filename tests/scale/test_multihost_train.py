@@ -5,14 +5,13 @@ A bad input on one process ends both with exit 2 (no process is left waiting).""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from tests.scale.test_data_parallel import _env, _free_port
+from tests.helpers import free_port, host_devices_env
 
 ARGS = ["--max-steps", "6", "--batch-size", "2", "--grad-accum", "2", "--seed", "3", "--save-every", "3",
         "--eval-every", "0", "--quiet"]
@@ -24,10 +23,10 @@ def _lora(args, env):
 
 
 def _two_processes(per_process_args):
-    port = _free_port()
+    port = free_port()
     procs = []
     for pid, args in enumerate(per_process_args):
-        env = dict(_env(1), LORA_COORDINATOR=f"127.0.0.1:{port}", LORA_NUM_PROCESSES="2", LORA_PROCESS_ID=str(pid),
+        env = dict(host_devices_env(1), LORA_COORDINATOR=f"127.0.0.1:{port}", LORA_NUM_PROCESSES="2", LORA_PROCESS_ID=str(pid),
                    HF_HUB_OFFLINE="1")
         procs.append(_lora(args, env))
     return [_finish(p) for p in procs]
@@ -41,7 +40,7 @@ def _finish(p):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     d = tmp_path_factory.mktemp("mh")
-    single = _lora(["--output", str(d / "one"), *ARGS], dict(_env(2), HF_HUB_OFFLINE="1"))
+    single = _lora(["--output", str(d / "one"), *ARGS], dict(host_devices_env(2), HF_HUB_OFFLINE="1"))
     multi = _two_processes([["--output", str(d / "two"), *ARGS]] * 2)
     one = _finish(single)
     assert one[0] == 0, one[2][-3000:]
@@ -51,8 +50,8 @@ def runs(tmp_path_factory):
 
 
 def test_two_processes_train_like_two_devices(runs):
-    from flax_lora.adapter import load_adapter
-    from flax_lora.run import RunDir
+    from flax_lora.adapters.native import load_adapter
+    from flax_lora.training.rundir import RunDir
 
     d, _, _ = runs
     rds = {name: RunDir(d / name) for name in ("one", "two")}
@@ -65,12 +64,12 @@ def test_two_processes_train_like_two_devices(runs):
 
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-5)
-    resolved = rds["two"].load_config().resolved
-    assert resolved["processes"] == 2 and resolved["devices"] == 2 and resolved["effective_batch_size"] == 8
+    resolved = rds["two"].load_resolved()
+    assert resolved.processes == 2 and resolved.devices == 2 and resolved.effective_batch_size == 8
 
 
 def test_process_zero_alone_writes(runs):
-    from flax_lora.run import RunDir
+    from flax_lora.training.rundir import RunDir
 
     d, _, multi = runs
     rd = RunDir(d / "two")
@@ -86,7 +85,7 @@ def test_process_zero_alone_writes(runs):
 
 def test_resume_over_two_processes(runs):
     """The two-process run continues from its checkpoint with a larger step budget."""
-    from flax_lora.run import RunDir
+    from flax_lora.training.rundir import RunDir
 
     d, _, _ = runs
     res = _two_processes([["--output", str(d / "two"), "--resume", "--max-steps", "8", "--quiet"]] * 2)

@@ -9,31 +9,30 @@ import sys
 import numpy as np
 import pytest
 
-from tests.scale.test_data_parallel import _env
+from tests.helpers import host_devices_env
 
-# The demo through flax_lora.trainer.train (what `lora train` runs), ROUGE off to keep it short.
+# The demo through flax_lora.training.loop.train (what `lora train` runs), ROUGE off to keep it short.
 SCRIPT = """
 import sys
-from flax_lora.parallel import init_distributed
+from flax_lora.training.parallel import init_distributed
 init_distributed()
-from flax_lora.trainer import config_from_advice, train
-cfg = config_from_advice(None, model=None, data=None, output=sys.argv[1],
-                         overrides=dict(max_steps=6, log_every=2, batch_size=int(sys.argv[2]), grad_accum=2,
-                                        rouge_examples=0, eval_every=0, save_every=0, seed=3,
-                                        shard_frozen=sys.argv[3] == "shard"))
+from flax_lora.training.loop import train
+from tests.helpers import run_config
+cfg = run_config(None, None, sys.argv[1], max_steps=6, log_every=2, batch_size=int(sys.argv[2]), grad_accum=2,
+                 rouge_examples=0, eval_every=0, save_every=0, seed=3, shard_frozen=sys.argv[3] == "shard")
 train(cfg, quiet=True)
 """
 
 
 def _run(out, devices, batch_size, shard=False):
     return subprocess.Popen([sys.executable, "-c", SCRIPT, str(out), str(batch_size), "shard" if shard else "copy"],
-                            env=_env(devices),
+                            env=host_devices_env(devices),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def test_two_devices_log_the_single_device_losses(tmp_path):
-    from flax_lora.adapter import load_adapter
-    from flax_lora.run import RunDir
+    from flax_lora.adapters.native import load_adapter
+    from flax_lora.training.rundir import RunDir
 
     # same global batch: 4 x 2; "sharded": frozen weights split over the 2 devices (--shard-frozen)
     procs = {1: _run(tmp_path / "one", 1, 4), 2: _run(tmp_path / "two", 2, 2), "sharded": _run(tmp_path / "sharded", 2, 2, True)}
@@ -46,9 +45,9 @@ def test_two_devices_log_the_single_device_losses(tmp_path):
     np.testing.assert_allclose([l for _, l in losses[2]], [l for _, l in losses[1]], rtol=1e-5)
     np.testing.assert_allclose([l for _, l in losses["sharded"]], [l for _, l in losses[1]], rtol=1e-5)
     for n, rd in runs.items():
-        resolved = rd.load_config().resolved
+        resolved = rd.load_resolved()
         devices = 2 if n == "sharded" else n
-        assert resolved["devices"] == devices and resolved["effective_batch_size"] == 8
+        assert resolved.devices == devices and resolved.effective_batch_size == 8
         assert json.loads(rd.eval.read_text())["devices"] == devices
     assert runs["sharded"].load_config().shard_frozen is True
     assert json.loads(runs["sharded"].eval.read_text())["after"]["loss"] == pytest.approx(

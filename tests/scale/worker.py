@@ -22,7 +22,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=3)
     args = p.parse_args(argv)
 
-    from flax_lora.parallel import DataParallel, init_distributed, to_host
+    from flax_lora.training.parallel import DataParallel, init_distributed, to_host
 
     init_distributed(args.coordinator, args.num_processes, args.process_id)
 
@@ -33,9 +33,10 @@ def main(argv=None):
 
     from flax_lora.lora import LoraConfig, init_lora
     from flax_lora.models import CausalLM
-    from flax_lora.models.llama import load_llama, stack_layers
+    from flax_lora.models.llama import load_llama
+    from flax_lora.models.stacking import stack_layers
     from flax_lora.targets import resolve_targets
-    from flax_lora.train import OptimConfig, init_state, make_optimizer, make_schedule, make_train_step
+    from flax_lora.training.step import OptimConfig, init_state, make_optimizer, make_schedule, make_train_step
 
     cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=64, max_position_embeddings=64, initializer_range=0.2)

@@ -1,0 +1,1 @@
+"""Adapters on disk: the native layout, PEFT's, merged checkpoints, and finding either kind."""

@@ -1,0 +1,1 @@
+"""Data for training: rows (load), token ids with loss masks (tokenize), padded batches (batch)."""

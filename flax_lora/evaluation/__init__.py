@@ -1,0 +1,1 @@
+"""Evaluating an adapter: loss and ROUGE on an eval set (evaluator), greedy decoding (generate)."""

@@ -1,0 +1,95 @@
+"""Where a model comes from: a local folder or a Hub snapshot, its config.json and tokenizer.
+
+Remote code is never run: a config with ``auto_map`` for a model type the project does not
+implement is refused, and transformers is always called with ``trust_remote_code=False``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Collection
+
+from flax_lora.errors import UserError
+
+WEIGHT_FILES = ["config.json", "*.safetensors", "flax_model.msgpack", "*.json", "*.model", "*.txt"]
+# dtype names a PyTorch config may hold; transformers' Flax save_pretrained writes "dtype": "numpy"
+TORCH_DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+def drop_bad_dtypes(raw: dict) -> dict:
+    """config.json without a ``dtype`` / ``torch_dtype`` no PyTorch loader understands."""
+    return {k: v for k, v in raw.items()
+            if k not in ("dtype", "torch_dtype") or v in (None, "auto", *TORCH_DTYPES)}
+
+
+def resolve(source: str) -> Path:
+    """A local folder holding the model: ``source`` itself, or a Hub snapshot (cache or download)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise UserError(f"model {source!r}: no such folder")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(source, allow_patterns=WEIGHT_FILES))
+    except Exception as exc:  # offline, unknown repo, gated, ...
+        raise UserError(
+            f"model {source!r} is neither a local folder nor reachable on the Hugging Face Hub "
+            f"({type(exc).__name__}); pass a local folder with config.json and weights"
+        ) from None
+
+
+def read_config_json(folder: Path, source: str, supported: Collection[str]) -> dict:
+    """config.json as a dict, refused when it asks for remote code, minus an invalid dtype."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise UserError(f"model {source!r}: {folder} has no config.json")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"model {source!r}: unreadable config.json ({exc})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("model_type"), str):
+        raise UserError(f"model {source!r}: config.json has no model_type")
+    if raw.get("auto_map") and raw["model_type"] not in supported:
+        raise UserError(
+            f"model {source!r}: config.json asks to run the model's own Python code (auto_map: "
+            f"{', '.join(sorted(raw['auto_map']))}); lora never runs remote code. Supported model types: "
+            f"{', '.join(sorted(supported))}"
+        )
+    raw.pop("auto_map", None)  # a supported model type runs our code, never the folder's
+    return drop_bad_dtypes(raw)
+
+
+def load_config(source: str, supported: Collection[str]):
+    """The transformers config of a model folder or Hub id; remote code is never trusted."""
+    from transformers import AutoConfig
+
+    raw = read_config_json(resolve(source), source, supported)
+    try:
+        return AutoConfig.for_model(**raw)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"model {source!r}: unusable config.json ({str(exc).splitlines()[0][:300]})") from None
+
+
+def prepare_tokenizer(tok):
+    """Give a tokenizer without a pad token one (eos, masked out of the loss by our masks)."""
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise UserError("tokenizer has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def load_tokenizer(source: str, supported: Collection[str]):
+    from transformers import AutoTokenizer
+
+    folder = resolve(source)
+    try:
+        read_config_json(folder, source, supported)  # refuses remote code before transformers looks at the folder
+        tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"model {source!r}: no usable tokenizer in {folder} ({exc})") from None
+    return prepare_tokenizer(tok)

@@ -1,0 +1,58 @@
+"""model_type -> loader: which implementation loads a checkpoint.
+
+The project's faithful ports (:mod:`flax_lora.models.llama`) serve the families they cover;
+transformers' Flax classes (:mod:`flax_lora.models.hf`) the older ones. Every loader returns a
+:class:`~flax_lora.models.base.CausalLM`. To add a family: write its port, then list its
+``model_type`` values here.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+import jax.numpy as jnp
+
+from flax_lora.errors import UserError
+from flax_lora.models import hf, hub, llama
+from flax_lora.models.base import CausalLM
+
+# model_type -> loader(source, config, *, dtype[, scan, remat]) -> CausalLM
+REGISTRY: dict[str, Callable[..., CausalLM]] = {
+    **{t: hf.load_hf for t in hf.SUPPORTED},
+    **{t: llama.load_causal_lm for t in llama.MODEL_TYPES},  # the port wins over transformers' class
+}
+
+
+def load_model(source: str, *, dtype=jnp.float32, config=None, scan: bool = False, remat: bool = False) -> CausalLM:
+    """Load a causal LM from a Hub id or a local folder, frozen weights cast to ``dtype``.
+
+    ``scan``: run the decoder layers as one scanned layer (one layer to compile, not L) where
+    the family's loader can (the Llama port); elsewhere it is ignored (``layers_stacked`` says
+    which). ``remat``: recompute each layer's activations in the backward pass (gradient
+    checkpointing); a family without it is a UserError.
+    """
+    config = config if config is not None else load_config(source)
+    loader = REGISTRY.get(config.model_type, hf.load_hf)
+    takes = inspect.signature(loader).parameters
+    kwargs = {}
+    if "scan" in takes:
+        kwargs["scan"] = scan
+    if remat:
+        if "remat" not in takes:
+            raise UserError(f"gradient checkpointing (--remat) is not available for model type {config.model_type!r} "
+                            "(transformers' Flax class has none); it is for llama, mistral and qwen2")
+        kwargs["remat"] = True
+    return loader(source, config, dtype=dtype, **kwargs)
+
+
+def load_config(source: str):
+    """The transformers config of a model folder or Hub id (remote code refused)."""
+    return hub.load_config(source, supported=tuple(REGISTRY))
+
+
+def load_tokenizer(source: str):
+    """The model's tokenizer, with a pad token (remote code refused)."""
+    return hub.load_tokenizer(source, supported=tuple(REGISTRY))
+
+

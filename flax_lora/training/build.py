@@ -1,0 +1,133 @@
+"""A run config made concrete: the model, tokenizer, tokenized data, targets and adapter it names.
+
+Used by ``lora train`` before its loop and by ``lora eval`` / ``lora generate`` on a finished run
+(:func:`load_run`). Data errors come first: they are cheap to find.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from advisor.formats import Format
+from advisor.rows import RowReport
+from flax_lora.training.config import RunConfig, local_path
+from flax_lora.training.rundir import RunDir
+
+
+class Sources(NamedTuple):
+    """Where the model and the data come from (the demo's live in the run folder)."""
+
+    model: str
+    data: str
+    eval_data: str | None
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Everything built from a RunConfig: model, tokenizer, data, adapter targets."""
+
+    cfg: RunConfig
+    sources: Sources
+    model: Any  # flax_lora.models.CausalLM
+    tokenizer: Any
+    data_format: Format
+    train_examples: list
+    eval_examples: list
+    linears: dict
+    targets: dict
+    lora_cfg: Any  # flax_lora.lora.LoraConfig
+    reports: dict[str, RowReport]  # "train" / "eval"
+    init_lora: Any = None  # from --adapter
+
+
+def sources(cfg: RunConfig, rd: RunDir) -> Sources:
+    """The run's model and data paths; the demo's are written into the run folder first (by process 0)."""
+    if not cfg.demo:
+        return Sources(cfg.model, cfg.data, cfg.eval_data)
+    from flax_lora import demo
+    from flax_lora.training.parallel import barrier
+
+    if rd.primary:
+        demo.materialize(rd.path, cfg.seed)
+    barrier("lora-demo-files")  # the other processes read what process 0 wrote (one shared folder)
+    model_dir, train_path, eval_path = demo.materialize(rd.path, cfg.seed)
+    return Sources(str(model_dir.resolve()), str(train_path.resolve()), cfg.eval_data or str(eval_path.resolve()))
+
+
+def _rows(cfg: RunConfig, src: Sources):
+    """(train rows, eval rows, format, reports): eval rows from --eval-data or a held-out split."""
+    from flax_lora.data.load import load_checked, split_eval
+
+    train_rows, fmt, train_report = load_checked(src.data, input_field=cfg.input_field,
+                                                 target_field=cfg.target_field, policy=cfg.on_bad_row)
+    reports = {"train": train_report}
+    if src.eval_data:
+        eval_rows, _, reports["eval"] = load_checked(src.eval_data, fmt=fmt, policy=cfg.on_bad_row)
+    else:
+        train_rows, eval_rows = split_eval(train_rows, seed=cfg.seed)
+    return train_rows, eval_rows, fmt, reports
+
+
+def _model(cfg: RunConfig, src: Sources):
+    """(model, tokenizer, linears): frozen weights in the run's precision, int8 when asked."""
+    import jax.numpy as jnp
+
+    from flax_lora.models import load_model, load_tokenizer
+
+    dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[cfg.precision]
+    tokenizer = load_tokenizer(src.model)
+    model = load_model(src.model, dtype=dtype, scan=True, remat=cfg.remat)  # scan where the family can
+    linears = model.linears()  # found on the float weights
+    if cfg.quantization == "int8":
+        from flax_lora.quant import quantize_params
+
+        conv1d = [p for p, i in linears.items() if i.kind == "conv1d"]
+        model.params = quantize_params(model.params, conv1d_paths=conv1d)
+    return model, tokenizer, linears
+
+
+def _targets(cfg: RunConfig, model, linears):
+    """(targets, LoraConfig, initial adapter or None): from --adapter, else the config's targets."""
+    from flax_lora.lora import LoraConfig, lora_paths
+    from flax_lora.targets import resolve_targets
+
+    if not cfg.adapter:
+        targets = resolve_targets(linears, model.model_type, preset=cfg.target_preset, modules=cfg.target_modules)
+        return targets, LoraConfig(cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora), None
+    from flax_lora.adapters.find import load_any_adapter
+
+    lora, acfg = load_any_adapter(cfg.adapter, linears, model.model_type)
+    targets = {p: linears[p] for p in lora_paths(lora)}
+    return targets, LoraConfig(acfg.r, acfg.alpha, cfg.dropout, acfg.use_rslora), model.stack_lora(lora)
+
+
+def build(cfg: RunConfig, rd: RunDir, *, with_train: bool = True) -> Setup:
+    """Load and check everything ``cfg`` names (``with_train=False``: the eval set only)."""
+    from flax_lora.data.tokenize import render, tokenize
+
+    src = sources(cfg, rd)
+    train_rows, eval_rows, fmt, reports = _rows(cfg, src)
+    model, tokenizer, linears = _model(cfg, src)
+    to_examples = lambda rows: tokenize([render(r, fmt, tokenizer) for r, _ in rows], tokenizer, cfg.max_length)
+    train_ex = to_examples(train_rows) if with_train else []
+    eval_ex = to_examples(eval_rows)
+    for rows, exs, rep in ((train_rows, train_ex, reports["train"]), (eval_rows, eval_ex, reports.get("eval", reports["train"]))):
+        rep.truncated = sorted(set(rep.truncated) | {n for (_, n), ex in zip(rows, exs) if ex.truncated})
+    targets, lora_cfg, init = _targets(cfg, model, linears)
+    return Setup(cfg, src, model, tokenizer, fmt, train_ex, eval_ex, linears, targets, lora_cfg, reports, init)
+
+
+def load_run(run_dir: str | Path, *, data: str | None = None):
+    """(Setup, adapter) of a finished run, for ``lora eval`` and ``lora generate``; ``data``
+    replaces its eval set."""
+    from flax_lora.adapters.native import load_adapter
+
+    rd = RunDir(run_dir)
+    cfg = rd.load_config()
+    if data:
+        cfg = cfg.replace(eval_data=local_path(data))
+    s = build(cfg, rd, with_train=False)
+    lora, _, _, _ = load_adapter(rd.adapter)
+    return s, s.model.stack_lora(lora)

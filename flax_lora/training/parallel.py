@@ -1,0 +1,203 @@
+"""Data parallel training over every device of every process, with ``jax.sharding``.
+
+One mesh axis, ``data``, over all devices (all hosts). The batch ``[k, b, T]`` is split along
+``b``; the LoRA state is replicated; the frozen weights are replicated, or, with
+``shard_frozen=True`` (FSDP/ZeRO-3 style, for models that do not fit one device), split along
+their largest dimension on the same axis and all-gathered by XLA where used. The train step is
+the same function (``flax_lora.training.step.make_train_step``) re-jitted with these shardings: XLA
+inserts the gradient all-reduce, and the loss stays normalised by the target count of the
+*global* batch, so N devices give the update of one device with an N-times larger batch.
+
+Effective batch = per-device batch x accumulation steps x devices.
+
+Several hosts: :func:`init_distributed` calls ``jax.distributed.initialize`` with the
+coordinator address, process count and id from its arguments or the environment
+(``LORA_COORDINATOR`` ``host:port``, ``LORA_NUM_PROCESSES``, ``LORA_PROCESS_ID``); with none
+given it lets JAX auto-detect a cluster (SLURM, Open MPI, Kubernetes, Cloud TPU) and is a
+no-op on a single host. Every process then feeds its own slice of the global batch
+(:meth:`DataParallel.put_batch` takes the process-local rows).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from flax_lora.errors import UserError
+
+DATA = "data"
+ENV = ("LORA_COORDINATOR", "LORA_NUM_PROCESSES", "LORA_PROCESS_ID")
+_CLUSTER_ENV = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS")
+
+
+def init_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                     process_id: int | None = None, *, local_device_ids=None) -> bool:
+    """Join a multi-process run when one is configured; True if ``jax.distributed`` was initialised.
+
+    Arguments win over ``LORA_*`` variables; with neither, a detected cluster (SLURM etc.) is
+    joined through JAX's auto-detection. Call before any other JAX use.
+    """
+    coordinator = coordinator or os.environ.get("LORA_COORDINATOR")
+    if num_processes is None and os.environ.get("LORA_NUM_PROCESSES"):
+        num_processes = int(os.environ["LORA_NUM_PROCESSES"])
+    if process_id is None and os.environ.get("LORA_PROCESS_ID"):
+        process_id = int(os.environ["LORA_PROCESS_ID"])
+    if coordinator or num_processes or process_id is not None:
+        if not (coordinator and num_processes and process_id is not None):
+            raise UserError("multi-host needs all of coordinator address, process count and process id "
+                            "(--coordinator/--num-processes/--process-id or LORA_COORDINATOR/"
+                            "LORA_NUM_PROCESSES/LORA_PROCESS_ID)")
+        jax.distributed.initialize(coordinator, num_processes, process_id, local_device_ids=local_device_ids)
+        return True
+    if any(k in os.environ for k in _CLUSTER_ENV) and int(os.environ.get("SLURM_NTASKS", "2")) > 1:
+        jax.distributed.initialize()  # JAX's cluster auto-detection
+        return True
+    return False
+
+
+def _fsdp_spec(shape: tuple[int, ...], n: int, stacked: bool) -> P:
+    """Split the largest dimension divisible by ``n`` (never the scanned layer axis); else replicate."""
+    dims = [i for i in range(1 if stacked else 0, len(shape)) if shape[i] % n == 0 and shape[i] >= n]
+    if n == 1 or not dims:
+        return P()
+    best = max(dims, key=lambda i: shape[i])
+    return P(*[DATA if i == best else None for i in range(len(shape))])
+
+
+@dataclass
+class DataParallel:
+    """A ``data`` mesh over ``devices`` (default: all devices of all processes) and its shardings."""
+
+    devices: Any = None
+    shard_frozen: bool = False
+
+    def __post_init__(self):
+        devs = np.asarray(self.devices if self.devices is not None else jax.devices())
+        self.mesh = Mesh(devs.reshape(-1), (DATA,))
+        self.replicated = NamedSharding(self.mesh, P())
+        self.batch_sharding = NamedSharding(self.mesh, P(None, DATA))  # [k, b, T]: split b
+
+    @property
+    def n_devices(self) -> int:
+        return self.mesh.size
+
+    def frozen_shardings(self, frozen):
+        """Per-leaf shardings of the frozen params (replicated, or FSDP-split)."""
+        if not self.shard_frozen:
+            return jax.tree_util.tree_map(lambda _: self.replicated, frozen)
+
+        def spec(path, x):
+            stacked = any(getattr(k, "key", None) == "stack" for k in path)
+            return NamedSharding(self.mesh, _fsdp_spec(tuple(x.shape), self.n_devices, stacked))
+
+        return jax.tree_util.tree_map_with_path(spec, frozen)
+
+    def put_frozen(self, frozen):
+        return _put(frozen, self.frozen_shardings(frozen))
+
+    def put_state(self, state):
+        return _put(state, jax.tree_util.tree_map(lambda _: self.replicated, state))
+
+    def put_batch(self, local_batch: dict) -> dict:
+        """Global batch arrays from this process's rows ``[k, b_local, T]`` (b_local = b / processes)."""
+        out = {}
+        for key, x in local_batch.items():
+            x = np.asarray(x)
+            if x.shape[1] % self.mesh.local_mesh.size:
+                raise ValueError(f"batch of {x.shape[1]} rows does not split over {self.mesh.local_mesh.size} local devices")
+            out[key] = jax.make_array_from_process_local_data(self.batch_sharding, x)
+        return out
+
+    def wrap(self, step, frozen):
+        """``step(state, frozen, batch)`` (from make_train_step) jitted for this mesh, state donated."""
+        frozen_sh = self.frozen_shardings(frozen)
+        return jax.jit(
+            step,
+            in_shardings=(self.replicated, frozen_sh, self.batch_sharding),
+            out_shardings=(self.replicated, self.replicated),
+            donate_argnums=(0,),
+        )
+
+
+def _put(tree, shardings):
+    """Place a host or single-device tree on the mesh (works across processes: every process
+    holds the same full values and contributes its addressable shards). Leaves already placed
+    with the wanted sharding are kept as they are."""
+
+    def put(x, sh):
+        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sh, x.ndim):
+            return x
+        x = np.asarray(x) if not isinstance(x, jax.Array) or not x.is_fully_addressable else x
+        if isinstance(x, jax.Array) and jax.process_count() == 1:
+            return jax.device_put(x, sh)
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
+
+    return jax.tree_util.tree_map(put, tree, shardings)
+
+
+def to_host(tree):
+    """Numpy copy of a replicated (or sharded, single-process) tree, from any process."""
+
+    def get(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(x.addressable_data(0))  # replicated: every process has all of it
+        return np.asarray(x)
+
+    return jax.tree_util.tree_map(get, tree)
+
+
+# --- agreement between processes (every function is a no-op returning the local answer on one process)
+
+def is_primary() -> bool:
+    """The process that writes the run directory, prints and shows progress (process 0)."""
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Wait until every process reaches ``name``."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def max_over_processes(value: int) -> int:
+    """The largest of every process's ``value`` (e.g. a caught signal number, 0 for none)."""
+    if jax.process_count() == 1:
+        return int(value)
+    from jax.experimental import multihost_utils
+
+    return int(np.max(multihost_utils.process_allgather(np.int32(value))))
+
+
+def from_primary(value: int) -> int:
+    """Process 0's ``value`` on every process (a decision only the writer can make)."""
+    if jax.process_count() == 1:
+        return int(value)
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
+def agreed(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` on every process; if it raised a user error on any, it raises on all.
+
+    Without this a bad input seen by one process (a missing file, a run folder that is not
+    empty) would leave the others waiting forever at the next collective.
+    """
+    try:
+        out, err = fn(*args, **kwargs), None
+    except UserError as exc:
+        out, err = None, exc
+    failed = max_over_processes(0 if err is None else jax.process_index() + 1)
+    if err is not None:
+        raise err
+    if failed:
+        raise UserError(f"process {failed - 1} of {jax.process_count()} stopped with an error (see its output)")
+    return out

@@ -1,0 +1,64 @@
+"""Session fixtures shared by every suite: offline hubs, one JAX compilation cache (in-process
+runs and subprocesses share it), tiny random-init models of three families, the demo's files.
+
+Init std 0.2, not 0.02: with frozen random weights the (frozen) output embedding bounds how
+far LoRA can move the logits, and 0.02 caps them near uniform.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.helpers import VOCAB
+
+
+def _configs():
+    from transformers import GPT2Config, LlamaConfig, OPTConfig
+
+    return {
+        "gpt2": GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=VOCAB, n_positions=64, initializer_range=0.2, bos_token_id=1, eos_token_id=2),
+        "llama": LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, initializer_range=0.2, bos_token_id=1, eos_token_id=2),
+        "opt": OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=VOCAB,
+                         max_position_embeddings=64, word_embed_proj_dim=32, init_std=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_models(jax_cache):
+    from flax_lora.models import hf
+
+    return {name: hf.from_config(cfg, seed=0, source=f"tiny-{name}") for name, cfg in _configs().items()}
+
+
+@pytest.fixture(scope="session", params=["gpt2", "llama", "opt"])
+def family(request):
+    return request.param
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _offline():
+    """No Hub retries: tests never reach the network."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def jax_cache(tmp_path_factory):
+    """One persistent compilation cache for the session (subprocesses get it through the environment)."""
+    import jax
+
+    cache = tmp_path_factory.mktemp("jax_cache")
+    jax.config.update("jax_compilation_cache_dir", str(cache))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def demo_assets(tmp_path_factory, jax_cache):
+    """The demo's model folder and data files (written once)."""
+    from flax_lora.demo import materialize
+
+    return materialize(tmp_path_factory.mktemp("demo"))
