@@ -15,6 +15,7 @@ with ``on_divergence="halve-lr"``, rolls back to it at half the learning rate.
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import sys
 import time
@@ -231,30 +232,56 @@ class Job:
 
 def prepare(cfg: RunConfig, *, resume: bool, advice_json: str | None, quiet: bool, note: str | None,
             signals: Signals) -> Job:
-    """Check the run folder, build model and data, place them on the devices, write the run's config."""
-    from flax_lora.training.parallel import agreed, is_primary, max_over_processes
+    """Check the run folder, build model and data, place them on the devices, write the run's config.
 
+    A user error before the config is written removes the folder if this call created it, so a
+    corrected command can use the same ``--output`` (an existing run is never touched).
+    """
+    from flax_lora.training import report
+    from flax_lora.training.parallel import agreed, is_primary
+
+    agreed(report.check, cfg.report_to)  # a writer that cannot run stops the run before it writes anything
     primary = is_primary()  # several processes: process 0 alone writes, prints and shows progress
     say = (lambda msg: None) if quiet or not primary else (lambda msg: print(msg, file=sys.stderr, flush=True))
     rd = RunDir(cfg.output, primary=primary)
+    fresh = primary and (not rd.path.exists() or not any(rd.path.iterdir()))
     resuming = agreed(rd.prepare, cfg, resume)
-    if cfg.demo:
-        say("lora: no --model/--data given: training the built-in demo (a small random-init GPT-2 learning to "
-            "reverse and spell digits, fully offline)")
-    s = agreed(build, cfg, rd)
-    _report_data(s, rd, primary)
-    if note:  # said only once the inputs are known good (a bad input's error stays one line)
-        say(f"lora: {note}")
-    job = _place(cfg, rd, s, resuming, signals, say, show=not quiet and primary)
+    try:
+        job = _start_job(cfg, rd, resuming, note, say, signals, quiet)
+    except UserError:
+        if fresh and not rd.exists():
+            shutil.rmtree(rd.path, ignore_errors=True)
+        raise
     if advice_json is not None and not rd.advice.exists():
         rd.write_text(rd.advice, advice_json)
     rd.write_config(cfg)
     rd.write_resolved(job.resolved)
-    if sig := max_over_processes(signals.signum or 0):  # while loading: the folder is a run now, resumable
+    _stop_if_signalled_while_loading(job, signals)
+    return job
+
+
+def _start_job(cfg: RunConfig, rd: RunDir, resuming: bool, note, say, signals: Signals, quiet: bool) -> Job:
+    """Build the run's model and data (agreed over processes), report bad rows, place the job."""
+    from flax_lora.training.parallel import agreed
+
+    if cfg.demo:
+        say("lora: no --model/--data given: training the built-in demo (a small random-init GPT-2 learning to "
+            "reverse and spell digits, fully offline)")
+    s = agreed(build, cfg, rd)
+    _report_data(s, rd, rd.primary)
+    if note:  # said only once the inputs are known good (a bad input's error stays one line)
+        say(f"lora: {note}")
+    return agreed(_place, cfg, rd, s, resuming, signals, say, show=not quiet and rd.primary)
+
+
+def _stop_if_signalled_while_loading(job: Job, signals: Signals) -> None:
+    """A signal during loading stops before compiling: the folder is a run now, resumable."""
+    from flax_lora.training.parallel import max_over_processes
+
+    if sig := max_over_processes(signals.signum or 0):
         job.close()
         raise Interrupted(f"lora: {signal.Signals(sig).name} while loading, before training started (nothing to "
-                          f"save). Continue with: lora train --output {cfg.output} --resume", 128 + sig)
-    return job
+                          f"save). Continue with: lora train --output {job.cfg.output} --resume", 128 + sig)
 
 
 def _report_data(s: Setup, rd: RunDir, primary: bool) -> None:

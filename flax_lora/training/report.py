@@ -66,17 +66,23 @@ def wandb_configured() -> bool:
         return False
 
 
+def _wandb():
+    """The wandb module, or the UserError that says what is missing (package, login)."""
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("--report-to wandb needs the wandb package: pip install wandb") from None
+    if not wandb_configured():
+        raise UserError("--report-to wandb: W&B is not configured; run `wandb login`, set WANDB_API_KEY, "
+                        "or set WANDB_MODE=offline to keep the run local")
+    return wandb
+
+
 class WandB:
     """A W&B run in ``directory`` (project ``WANDB_PROJECT`` or "lora", named after the run folder)."""
 
     def __init__(self, directory, name: str, config: dict[str, Any]):
-        try:
-            import wandb
-        except ImportError:
-            raise UserError("--report-to wandb needs the wandb package: pip install wandb") from None
-        if not wandb_configured():
-            raise UserError("--report-to wandb: W&B is not configured; run `wandb login`, set WANDB_API_KEY, "
-                            "or set WANDB_MODE=offline to keep the run local")
+        wandb = _wandb()
         self._run = wandb.init(project=os.environ.get("WANDB_PROJECT", "lora"), name=name, dir=str(directory),
                                config=config)
 
@@ -85,6 +91,15 @@ class WandB:
 
     def close(self) -> None:
         self._run.finish()
+
+
+def check(report_to) -> None:
+    """Fail early (before anything is loaded or written) when a named writer cannot run."""
+    for name in report_to:
+        if name not in REPORTERS:
+            raise UserError(f"--report-to {name!r}: use {', '.join(REPORTERS)} or none")
+        if name == "wandb":
+            _wandb()
 
 
 def make_writers(report_to, run_dir, config: dict[str, Any], primary: bool = True) -> list[Writer]:

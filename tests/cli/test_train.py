@@ -144,3 +144,15 @@ def test_int8_demo_run_learns_and_records_throughput(tmp_path):
     s, _ = load_run(out)  # the run's model is rebuilt quantized (the adapter was trained on it)
     kernels = [x for x in jax.tree_util.tree_leaves(s.model.params) if x.dtype == np.int8]
     assert kernels
+
+
+def test_a_start_that_fails_leaves_no_folder_behind(tmp_path):
+    """The demo writes its model and data, then the eval file is missing: the half-made folder goes,
+    so the corrected command can use the same --output."""
+    out = tmp_path / "run"
+    res = CliRunner().invoke(cli, ["train", "--output", str(out), "--eval-data", str(tmp_path / "missing.jsonl")])
+    assert res.exit_code == 2 and "not found" in res.output and not out.exists()
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")  # a folder that was not empty is never removed
+    res = CliRunner().invoke(cli, ["train", "--output", str(out)])
+    assert res.exit_code == 2 and "not empty" in res.output and (out / "keep.txt").read_text() == "mine"

@@ -37,6 +37,7 @@ def test_kernel_roundtrip_error_is_half_a_step():
     assert bool(jnp.all(err <= s / 2 + 1e-7))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan", [False, True])
 def test_llama_logits_close_and_linears_four_times_smaller(scan):
     model = _llama(scan)

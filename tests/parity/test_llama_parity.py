@@ -80,6 +80,7 @@ def test_cached_generate_matches_pytorch(name):
     np.testing.assert_array_equal(np.asarray(out.sequences), g["greedy"])
 
 
+@pytest.mark.slow
 def test_remat_and_scan_give_same_logits():
     name = "llama_theta_gqa_headdim"
     g = _golden(name)

@@ -77,6 +77,7 @@ def test_unusable_data_files_exit_2_with_one_line(run, tmp_path, name, content, 
 # ----------------------------------------------------------------------------- torn metrics
 
 
+@pytest.mark.slow
 def test_torn_metrics_line_is_skipped_by_diagnose_and_repaired_by_resume(run, tmp_path):
     import shutil
 
@@ -99,6 +100,7 @@ def test_torn_metrics_line_is_skipped_by_diagnose_and_repaired_by_resume(run, tm
 # ----------------------------------------------------------------------------- adapters
 
 
+@pytest.mark.slow
 def test_generate_and_continue_training_from_native_and_peft_adapters(run, tmp_path, monkeypatch):
     from flax_lora.adapters.peft import export_peft
 

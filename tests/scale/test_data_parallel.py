@@ -12,6 +12,8 @@ import pytest
 
 from tests.helpers import free_port, host_devices_env
 
+pytestmark = pytest.mark.slow  # trains or starts subprocesses
+
 WORKER = Path(__file__).with_name("worker.py")
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -55,23 +57,3 @@ def test_matches_single_device(runs, name, devices, processes):
     assert int(runs["one"]["devices"]) == 1
     assert int(runs[name]["devices"]) == devices and int(runs[name]["processes"]) == processes
     _same(runs["one"], runs[name])
-
-
-def test_partial_multihost_config_is_a_user_error(monkeypatch):
-    from flax_lora.errors import UserError
-    from flax_lora.training.parallel import init_distributed
-
-    monkeypatch.setenv("LORA_COORDINATOR", "127.0.0.1:1234")
-    monkeypatch.delenv("LORA_NUM_PROCESSES", raising=False)
-    monkeypatch.delenv("LORA_PROCESS_ID", raising=False)
-    with pytest.raises(UserError, match="process count"):
-        init_distributed()
-
-
-def test_fsdp_splits_the_largest_divisible_dim_not_the_layer_axis():
-    from flax_lora.training.parallel import _fsdp_spec
-
-    assert tuple(_fsdp_spec((30, 576, 1536), 4, stacked=True)) == (None, None, "data")
-    assert tuple(_fsdp_spec((49152, 576), 4, stacked=False)) == ("data", None)
-    assert tuple(_fsdp_spec((7,), 4, stacked=False)) == ()
-    assert tuple(_fsdp_spec((8, 3), 4, stacked=True)) == ()

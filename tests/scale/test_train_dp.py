@@ -24,6 +24,8 @@ train(cfg, quiet=True)
 """
 
 
+pytestmark = pytest.mark.slow  # trains or starts subprocesses
+
 def _run(out, devices, batch_size, shard=False):
     return subprocess.Popen([sys.executable, "-c", SCRIPT, str(out), str(batch_size), "shard" if shard else "copy"],
                             env=host_devices_env(devices),

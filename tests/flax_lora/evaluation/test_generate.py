@@ -102,7 +102,10 @@ FAMILIES = ["llama", "llama-scan", "mistral-window", "gpt2", "opt", "bloom", "gp
 CHUNKED = ("llama-scan", "mistral-window", "gpt2", "bloom")  # chunked prefill: the port and HF's two cache styles
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+FAST = ("llama", "gpt2")  # the port and transformers' cache; the other families run with -m slow
+
+
+@pytest.fixture(scope="module", params=[f if f in FAST else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES])
 def case(request):
     model, flat = _build(request.param)
     return request.param, model, _adapter(flat, model)

@@ -55,6 +55,7 @@ def test_bf16_hidden_close_to_float32():
     assert abs(got - ref) / abs(ref) < 2e-2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tied", [True, False])
 def test_llama_train_loss_fused_equals_logits_path(tied, monkeypatch):
     from transformers import LlamaConfig

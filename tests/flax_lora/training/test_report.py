@@ -10,7 +10,7 @@ import types
 import pytest
 
 from flax_lora.errors import UserError
-from flax_lora.training.report import TensorBoard, make_writers, scalars, wandb_configured
+from flax_lora.training.report import TensorBoard, check, make_writers, scalars, wandb_configured
 from flax_lora.training.rundir import RunDir
 
 
@@ -58,6 +58,22 @@ def test_wandb_needs_the_package(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
     with pytest.raises(UserError, match="pip install wandb"):
         make_writers(("wandb",), RunDir(tmp_path), {})
+    with pytest.raises(UserError, match="pip install wandb"):
+        check(("tensorboard", "wandb"))
+    check(("tensorboard",))
+
+
+def test_a_writer_that_cannot_run_stops_lora_train_before_it_writes(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    res = CliRunner().invoke(cli, ["train", "--output", str(tmp_path / "run"), "--report-to", "wandb"])
+    assert res.exit_code == 2 and "pip install wandb" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "run").exists()
+    res = CliRunner().invoke(cli, ["train", "--output", str(tmp_path / "run"), "--report-to", "mlflow"])
+    assert res.exit_code == 2 and "--report-to 'mlflow'" in res.output
 
 
 def test_wandb_needs_a_login_or_offline_mode(tmp_path, monkeypatch):

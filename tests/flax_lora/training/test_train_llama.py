@@ -10,6 +10,8 @@ import pytest
 
 from tests.helpers import run_config
 
+pytestmark = pytest.mark.slow  # trains or starts subprocesses
+
 STEPS = dict(max_steps=6, log_every=2, save_every=3, eval_every=0, rouge_examples=4, max_new_tokens=4,
              batch_size=4, max_length=16, learning_rate=3e-2, target_preset="attention", seed=0,
              dropout=0.0)  # LoRA dropout masks are drawn per scanned layer: equal runs need none
