@@ -44,6 +44,8 @@ class RowReport:
     total: int = 0
     bad: list[BadRow] = field(default_factory=list)
     truncated: list[int] = field(default_factory=list)  # lines longer than max_length (kept, cut)
+    split: list[int] = field(default_factory=list)  # text documents longer than max_length (in windows)
+    windows: int = 0  # the windows those documents became
 
     def describe_bad(self) -> str:
         shown = "; ".join(f"{self.unit} {b.line}: {b.reason}" for b in self.bad[:SHOWN])
@@ -58,6 +60,9 @@ class RowReport:
         if self.truncated:
             lines = ", ".join(map(str, self.truncated[:SHOWN])) + (" ..." if len(self.truncated) > SHOWN else "")
             parts.append(f"{len(self.truncated)} rows longer than max_length were truncated ({self.unit}s {lines})")
+        if self.split:
+            parts.append(f"{len(self.split)} documents longer than max_length were split into {self.windows} windows "
+                         "(every token trained once)")
         return "; ".join(parts)
 
 

@@ -85,6 +85,7 @@ class Context:
     samples: int | None = None
     lengths: list[int] | None = None  # per-sample lengths of the data file, when one is given
     tokenizer: Path | None = None  # the model's tokenizer.json the lengths were counted with
+    measured: Any = None  # advisor.data_stats.Measured of the data file
     r: int | None = None
     alpha: float | None = None
     scaling: float | None = None
@@ -105,6 +106,7 @@ class Context:
     warmup: int | None = None
     weight_decay: float | None = None
     max_grad_norm: float | None = None
+    packing: bool = False
     memory: MemoryEstimate | None = None
     trainable: int | None = None
     stats: DataStats | None = None
@@ -172,34 +174,46 @@ def rule_model(ctx: Context) -> Decision:
     return Decision({"shape": shape}, (reason("model", shape.name, source),))
 
 
-def _read_data(req: AdviceRequest) -> tuple[list[int], Path | None, tuple[str, ...], list[str]]:
-    """(lengths, tokenizer file or None, the format's fields, warnings) of ``req.data``.
-
-    Lengths are counted with the model's tokenizer when it is available offline.
-    """
-    pairs, fmt, report = data_stats.sample_texts(req.data)
-    warnings = [f"{req.data}: {report.summary()}; lora train skips the same rows"] if report.bad else []
+def _read_data(req: AdviceRequest):
+    """``req.data`` measured as the trainer builds it (with the model's tokenizer and chat template
+    when they are available offline), and the warnings it gives."""
     folder = catalog.model_dir(req.model) if req.model else None
-    tokenizer = None
-    if folder is not None and (folder / "tokenizer.json").is_file():
-        tokenizer = folder / "tokenizer.json"
-    return data_stats.token_lengths(pairs, tokenizer), tokenizer, fmt.fields(), warnings
+    measured = data_stats.measure(req.data, folder, data_format=req.data_format, input_field=req.input_field,
+                                  target_field=req.target_field, chat_template=req.chat_template)
+    report = measured.report
+    warnings = [f"{req.data}: {report.summary()}; lora train skips the same rows"] if report.bad else []
+    return measured, warnings
 
 
 def rule_data(ctx: Context) -> Decision:
     """Samples and lengths: a given ``samples`` wins (with a warning when the file disagrees)."""
     req = ctx.request
-    lengths, tokenizer, fields, warnings = None, None, (), []
+    measured, warnings = None, []
     if req.data is not None:
-        lengths, tokenizer, fields, warnings = _read_data(req)
+        measured, warnings = _read_data(req)
+    lengths = measured.lengths if measured else None
     samples = req.samples if req.samples is not None else len(lengths)
     reasons = ()
     if req.samples is None:
-        reasons = (reason("samples", samples, f"counted in {req.data} (fields: {', '.join(fields)})"),)
+        reasons = (reason("samples", samples, f"counted in {req.data} (format {measured.fmt.describe()})"),)
     elif lengths is not None and len(lengths) != req.samples:
         warnings.append(f"--samples {req.samples} differs from the {len(lengths)} samples in {req.data}; "
                         f"advised for {req.samples}")
-    return Decision({"samples": samples, "lengths": lengths, "tokenizer": tokenizer}, reasons, tuple(warnings))
+    tokenizer = measured.tokenizer if measured else None
+    return Decision({"samples": samples, "lengths": lengths, "tokenizer": tokenizer, "measured": measured},
+                    reasons, tuple(warnings))
+
+
+def rule_examples(ctx: Context) -> Decision:
+    """A text corpus trains in windows of max_length: the examples per epoch are the windows."""
+    m = ctx.measured
+    if m is None or ctx.request.samples is not None or m.fmt.kind != "text":
+        return Decision({})
+    n = data_stats.windows(m.lengths, ctx.max_length)
+    if n == ctx.samples:
+        return Decision({})
+    return decide("samples", "examples", n, f"{ctx.samples} documents split into windows of max_length "
+                  f"{ctx.max_length} (every token trained once) -> {n} examples")
 
 
 # --------------------------------------------------------------------------- LoRA
@@ -519,6 +533,15 @@ def rule_regularization(ctx: Context) -> Decision:
                "clip at 1.0 (the guide's 'NaN values' sign of a too-high rate; a common LoRA default)")))
 
 
+def rule_packing(ctx: Context) -> Decision:
+    """Sample packing (not in the guide): as asked; off unless asked (the trainer's --packing)."""
+    req = ctx.request
+    given = getattr(req, "packing", None)
+    if given is not None:
+        return decide("packing", "training.packing", bool(given), "given")
+    return decide("packing", "training.packing", False, "off: one example per row (not in the guide)")
+
+
 # --------------------------------------------------------------------------- memory and data summary
 
 
@@ -567,8 +590,11 @@ def rule_data_summary(ctx: Context) -> Decision:
     if lengths is None:
         return Decision({"stats": None})
     truncated = sum(1 for n in lengths if n > ctx.max_length)
+    m = ctx.measured
     stats = DataStats(
-        path=str(ctx.request.data), samples=len(lengths),
+        path=str(ctx.request.data), samples=len(lengths), format=m.fmt.describe(), chat_template=m.template,
+        skipped_rows=len(m.report.bad),
+        windows=data_stats.windows(lengths, ctx.max_length) if m.fmt.kind == "text" else None,
         length_unit="tokens" if tokenizer else "estimated-tokens",
         tokenizer=str(tokenizer) if tokenizer else None,
         chars_per_token=None if tokenizer else data_stats.CHARS_PER_TOKEN,
@@ -594,6 +620,7 @@ PIPELINE: tuple[Rule, ...] = (
     rule_dropout,
     rule_targets,
     rule_max_length,
+    rule_examples,
     rule_precision,
     rule_learning_rate,
     rule_quantization,
@@ -605,6 +632,7 @@ PIPELINE: tuple[Rule, ...] = (
     rule_schedule,
     rule_warmup,
     rule_regularization,
+    rule_packing,
     rule_memory,
     rule_data_summary,
 )
@@ -633,7 +661,7 @@ def assemble(ctx: Context, reasons: Iterable[Reason], warnings: Iterable[str]) -
             epochs=ctx.epochs, per_device_batch_size=ctx.batch, gradient_accumulation_steps=ctx.accum,
             effective_batch_size=ctx.effective, gpus=ctx.request.gpus, learning_rate=ctx.learning_rate,
             lr_schedule=ctx.schedule, warmup_steps=ctx.warmup, max_length=ctx.max_length,
-            precision=ctx.precision, quantization=ctx.quantization, gradient_checkpointing=ctx.remat,
+            precision=ctx.precision, quantization=ctx.quantization, gradient_checkpointing=ctx.remat, packing=ctx.packing,
             total_steps=ctx.total_steps, weight_decay=ctx.weight_decay, max_grad_norm=ctx.max_grad_norm,
         ),
         memory=ctx.memory,

@@ -36,6 +36,8 @@ Quantization = Literal["none", "int8"]
 TargetPreset = Literal["attention-qv", "attention", "attention-mlp"]
 # What the trainer does with a data row it cannot use, and with a non-finite loss.
 RowPolicy = Literal["skip", "fail"]
+# --format: how rows are read (advisor.formats)
+DataFormat = Literal["prompt-completion", "alpaca", "chat", "sharegpt", "text"]
 DivergencePolicy = Literal["stop", "halve-lr"]
 
 
@@ -61,6 +63,10 @@ class AdviceRequest(_Strict):
     recipe: RecipeName | None = None
     gpus: PositiveInt = 1
     data: str | None = None
+    data_format: DataFormat | None = None  # --format (default: detected from the columns)
+    input_field: str | None = None
+    target_field: str | None = None
+    chat_template: str | None = None  # a template file or "chatml" (default: the tokenizer's)
     # Explicit overrides (flags win over recipes and rules).
     r: PositiveInt | None = None
     alpha: float | None = Field(default=None, gt=0)
@@ -132,6 +138,7 @@ class TrainingAdvice(_Strict):
     precision: Precision
     quantization: Quantization = "none"
     gradient_checkpointing: bool = False  # lora train --remat
+    packing: bool = False  # lora train --packing: several examples per row
     total_steps: PositiveInt
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
@@ -156,6 +163,10 @@ class DataStats(_Strict):
     p95: int
     max: int
     truncated_at_max_length: int
+    format: str | None = None  # as detected, e.g. "chat(messages)"
+    chat_template: str | None = None  # where a chat's template came from
+    skipped_rows: int = 0
+    windows: int | None = None  # a text corpus: the examples its documents become at max_length
 
 
 class Reason(_Strict):

@@ -43,6 +43,11 @@ def _report_to(value: str | None):
 @click.option("--model", type=str, help="Hub id or local folder (default: the built-in demo).")
 @click.option("--data", type=str, help="JSONL/JSON/CSV/Parquet file or Hub dataset (default: the demo's).")
 @click.option("--eval-data", type=str, help="Eval set (default: a held-out 5% of --data).")
+@click.option("--split", type=str, help="Hub dataset: the split to train on (default: train). --data NAME:SUBSET picks a subset.")
+@click.option("--eval-split", type=str,
+              help="Hub dataset: the eval split (default: its validation split when it has one, else a held-out 5%).")
+@click.option("--packing/--no-packing", default=None,
+              help="Pack several examples per row (attention stays within each); default: the advice's.")
 @click.option("--output", "-o", type=str, default="run", show_default=True, help="Run directory.")
 @click.option("--max-steps", type=click.IntRange(min=1), help="Stop after N optimizer steps.")
 @click.option("--epochs", type=click.IntRange(min=1))
@@ -57,8 +62,12 @@ def _report_to(value: str | None):
 @click.option("--precision", type=click.Choice(["bf16", "fp32"]))
 @click.option("--quantization", type=click.Choice(["none", "int8"]),
               help="int8: frozen linear weights in int8 (the guide's load_in_8bit); default: the advice's.")
+@click.option("--format", "data_format", type=click.Choice(["prompt-completion", "alpaca", "chat", "sharegpt", "text"]),
+              help="How to read the rows (default: detected from the columns).")
 @click.option("--input-field", type=str, help="Column holding the prompt.")
-@click.option("--target-field", type=str, help="Column holding the target.")
+@click.option("--target-field", type=str, help="Column holding the target (a chat's turns, a document).")
+@click.option("--chat-template", type=str,
+              help="Chat data: a Jinja template file, or 'chatml' (default: the tokenizer's own, else chatml).")
 @click.option("--adapter", type=str, help="Continue training this adapter (a lora adapter or PEFT directory).")
 @click.option("--on-bad-row", type=click.Choice(["skip", "fail"]),
               help="skip (default): drop bad rows and report them, fail if more than 10% are bad; fail: any bad row fails.")
@@ -77,8 +86,9 @@ def _report_to(value: str | None):
               help="Also write metrics to: none (default), tensorboard (event files in RUN/events), wandb, or both "
                    "(comma-separated).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or messages (scripts).")
-def train(advice_file, model, data, eval_data, output, max_steps, epochs, batch_size, grad_accum, max_length,
-          learning_rate, save_every, eval_every, resume, seed, precision, quantization, input_field, target_field,
+def train(advice_file, model, data, eval_data, split, eval_split, packing, output, max_steps, epochs, batch_size, grad_accum, max_length,
+          learning_rate, save_every, eval_every, resume, seed, precision, quantization, data_format, input_field,
+          target_field, chat_template,
           adapter, on_bad_row, on_divergence, shard_frozen, remat, coordinator, num_processes, process_id, report_to,
           quiet):
     """Train a LoRA adapter: flags override the advice; no --model/--data trains the built-in demo.
@@ -98,9 +108,10 @@ def train(advice_file, model, data, eval_data, output, max_steps, epochs, batch_
     from flax_lora.training.loop import train as run_train
     from flax_lora.training.parallel import agreed
 
-    overrides = dict(eval_data=eval_data, max_steps=max_steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
+    overrides = dict(eval_data=eval_data, split=split, eval_split=eval_split, packing=packing, max_steps=max_steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
                      max_length=max_length, learning_rate=learning_rate, save_every=save_every, eval_every=eval_every,
-                     seed=seed, precision=precision, quantization=quantization, input_field=input_field, target_field=target_field,
+                     seed=seed, precision=precision, quantization=quantization, data_format=data_format,
+                     input_field=input_field, target_field=target_field, chat_template=chat_template,
                      adapter=adapter, on_bad_row=on_bad_row, on_divergence=on_divergence, shard_frozen=shard_frozen,
                      remat=remat, report_to=_report_to(report_to))
     # every process plans the same run; a user error on any one stops all of them (none waits at a collective)
@@ -125,7 +136,8 @@ def _plan(advice_file, model, data, output, overrides, resume):
 
     if resume and model is None and data is None and not advice_file and RunDir(output).exists():
         return config_for_resume(RunDir(output).load_config(), output, overrides), None, None
-    advice, note = (_load_advice(advice_file), None) if advice_file else advice_for(model, data)
+    reading = {k: overrides.get(k) for k in ("data_format", "input_field", "target_field", "chat_template")}
+    advice, note = (_load_advice(advice_file), None) if advice_file else advice_for(model, data, **reading)
     cfg = config_from_advice(advice, model=model, data=data, output=output, overrides=overrides)
     return cfg, advice.to_json(), note
 
@@ -178,7 +190,7 @@ def generate(run_dir, model, adapter, prompt, max_new_tokens):
         lora, lora_cfg = {}, LoraConfig(1, 1.0)
         if adapter:
             lora, lora_cfg = load_any_adapter(adapter, m.linears(), m.model_type)
-    ids = np.asarray(tok(prompt, add_special_tokens=True)["input_ids"], np.int32)
+    ids = np.asarray(tok.encode_prompt(prompt), np.int32)
     if ids.size == 0:
         raise UserError("--prompt tokenizes to nothing")
     ev = Evaluator(m, lora_cfg, tok, [], max_length=max(len(ids), 16), batch_size=1, max_new_tokens=max_new_tokens)

@@ -43,16 +43,34 @@ def request():
                          learning_rate=SETTINGS["learning_rate"])
 
 
+# The demo tokenizer's special tokens, as tokenizer_config.json holds them (transformers reads it too).
+TOKENIZER_CONFIG = {"eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>", "model_max_length": 64,
+                    "tokenizer_class": "PreTrainedTokenizerFast"}
+
+
 def build_tokenizer():
-    """A whitespace word-level tokenizer over the shipped vocabulary (no download)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    """A whitespace word-level tokenizer over the shipped vocabulary (no download), as the project's
+    :class:`advisor.tokenizer.Tokenizer`."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers
+
+    from advisor.tokenizer import Tokenizer
 
     vocab = {w: i for i, w in enumerate((ASSETS / "vocab.txt").read_text().split())}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+    backend = Backend(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    backend.add_special_tokens(["<eos>", "<pad>", "<unk>"])
+    return Tokenizer(backend, TOKENIZER_CONFIG, name="demo")
+
+
+def save_tokenizer(tok, folder: str | Path) -> None:
+    """``tokenizer.json`` + ``tokenizer_config.json``: what a Hugging Face model folder holds."""
+    from advisor.io import atomic_write_json, atomic_write_text
+
+    folder = Path(folder)
+    atomic_write_text(folder / "tokenizer.json", tok.backend.to_str())
+    atomic_write_json(folder / "tokenizer_config.json", {**TOKENIZER_CONFIG, **{k: v for k, v in tok.special.items() if v}})
 
 
 def make_rows(n: int, seed: int) -> list[dict[str, str]]:
@@ -76,8 +94,7 @@ def materialize(run_dir: str | Path, seed: int = 0) -> tuple[Path, Path, Path]:
     if not (model_dir / "model.safetensors").is_file():
         config = AutoConfig.for_model(**json.loads((ASSETS / "config.json").read_text()))
         model = hf.from_config(config, seed=seed, source="demo")
-        tok = build_tokenizer()
-        tok.save_pretrained(str(model_dir))
+        save_tokenizer(build_tokenizer(), model_dir)
         hf.save_pt_safetensors(model_dir, model.params, config)  # config first, weights (the marker) last
     data_dir.mkdir(parents=True, exist_ok=True)
     paths = []

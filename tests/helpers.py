@@ -56,3 +56,68 @@ def run_config(model, data, output, **overrides):
     model, data = (None if x is None else str(x) for x in (model, data))
     advice, _ = advice_for(model, data)
     return config_from_advice(advice, model=model, data=data, output=str(output), overrides=overrides)
+
+
+# Chat template styles, written after the public models' templates (structure, tokens, quirks).
+CHAT_STYLES = {
+    "chatml": dict(  # Qwen2.5: ChatML with a default system message
+        specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], bos=None, eos="<|im_end|>", pad="<|endoftext|>",
+        template=("{%- if messages[0]['role'] != 'system' %}{{- '<|im_start|>system\\nYou are a helpful assistant."
+                  "<|im_end|>\\n' }}{%- endif %}{%- for message in messages %}{{- '<|im_start|>' + message['role'] + "
+                  "'\\n' + message['content'] + '<|im_end|>' + '\\n' }}{%- endfor %}{%- if add_generation_prompt %}"
+                  "{{- '<|im_start|>assistant\\n' }}{%- endif %}")),
+    "llama3": dict(  # Llama 3: BOS in the template, headers, <|eot_id|>; the tokenizer also adds BOS
+        specials=["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        bos="<|begin_of_text|>", eos="<|eot_id|>", pad="<|end_of_text|>",
+        template=("{{- bos_token }}{%- for message in messages %}{{- '<|start_header_id|>' + message['role'] + "
+                  "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{%- endfor %}"
+                  "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+                  "{%- endif %}")),
+    "gemma": dict(  # Gemma: <start_of_turn>model, no system role
+        specials=["<bos>", "<eos>", "<pad>", "<start_of_turn>", "<end_of_turn>"], bos="<bos>", eos="<eos>", pad="<pad>",
+        template=("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' %}"
+                  "{{ raise_exception('System role not supported') }}{% endif %}{% if message['role'] == 'assistant' %}"
+                  "{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + "
+                  "role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}{% endfor %}{% if "
+                  "add_generation_prompt %}{{'<start_of_turn>model\\n'}}{% endif %}")),
+    "mistral": dict(  # Mistral: [INST] ... [/INST] answer</s>
+        specials=["<s>", "</s>", "[INST]", "[/INST]"], bos="<s>", eos="</s>", pad=None,
+        template=("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+                  "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+                  "{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}")),
+}
+CORPUS = ["The capital of France is Paris.", "What is the capital of France?", "Two plus two is four.",
+          "You are a helpful assistant.", "system user assistant model", "Tell me a joke about cats, please!",
+          "Why did the cat sit on the computer? To keep an eye on the mouse."] * 20
+
+
+def chat_tokenizer(style: str, folder=None):
+    """A byte-level BPE tokenizer trained offline with ``style``'s special tokens and chat template
+    (the BOS styles add BOS on ``tokenizer(text)``, as Llama's and Gemma's do); written to ``folder``
+    as a model's tokenizer files when given."""
+    import json
+
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+    from advisor.tokenizer import Tokenizer
+
+    s = CHAT_STYLES[style]
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=s["specials"],
+                                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if s["bos"]:
+        bos = backend.token_to_id(s["bos"])
+        backend.post_processor = processors.TemplateProcessing(single=f"{s['bos']} $A", special_tokens=[(s["bos"], bos)])
+    config = {"bos_token": s["bos"], "eos_token": s["eos"], "pad_token": s["pad"], "chat_template": s["template"]}
+    config = {k: v for k, v in config.items() if v}
+    if folder is not None:
+        from pathlib import Path
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        backend.save(str(folder / "tokenizer.json"))
+        (folder / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "PreTrainedTokenizerFast"}))
+    return Tokenizer(backend, config, chat_template=s["template"], name=style)

@@ -13,7 +13,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from flax_lora.data.tokenize import Example
+from advisor.examples import Example
 
 
 def buckets(max_length: int, smallest: int = 16) -> list[int]:

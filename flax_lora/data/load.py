@@ -14,7 +14,7 @@ import numpy as np
 
 from advisor.formats import Format, usable_rows
 from advisor.rows import RowReport, read_records
-from advisor.schema import RowPolicy
+from advisor.schema import DataFormat, RowPolicy
 from flax_lora.errors import UserError
 
 EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
@@ -47,20 +47,21 @@ def read_rows(source: str, split: str = "train") -> tuple[list[dict], list[int],
 
 
 def load_checked(source: str, *, fmt: Format | None = None, input_field: str | None = None,
-                 target_field: str | None = None, policy: RowPolicy = "skip"
+                 target_field: str | None = None, name: DataFormat | None = None, policy: RowPolicy = "skip"
                  ) -> tuple[list[tuple[dict, int]], Format, RowReport]:
     """Usable ``(row, line number)`` pairs of ``source``, its format, and the bad-row report
     (:func:`advisor.formats.usable_rows` on the rows :func:`read_rows` reads)."""
     records, numbers, report = read_rows(source)
     rows, fmt = usable_rows(records, numbers, report, fmt=fmt, input_field=input_field,
-                            target_field=target_field, policy=policy)
+                            target_field=target_field, name=name, policy=policy)
     return rows, fmt, report
 
 
 def report_json(report: RowReport, policy: RowPolicy, shown: int = 100) -> dict[str, Any]:
     """A RowReport for ``data_report.json``: counts plus the first ``shown`` bad / truncated lines."""
     return {"source": report.source, "unit": report.unit, "rows": report.total, "bad": len(report.bad),
-            "used": report.total - len(report.bad), "truncated": len(report.truncated), "on_bad_row": policy,
+            "used": report.total - len(report.bad), "truncated": len(report.truncated), "split": len(report.split),
+            "windows": report.windows, "on_bad_row": policy,
             "bad_rows": [{report.unit: b.line, "reason": b.reason} for b in report.bad[:shown]],
             "truncated_rows": report.truncated[:shown]}
 

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from flax_lora.data.batch import bucket_for, buckets, eval_batches
-from flax_lora.data.tokenize import Example
+from advisor.examples import Example
 from flax_lora.errors import UserError
 from flax_lora.evaluation.generate import kv_cache_support, make_greedy, make_greedy_cached
 from flax_lora.lora import LoraConfig
@@ -38,7 +38,7 @@ class Evaluator:
         self.examples = list(examples)
         self.max_length = max_length
         self.batch_size = batch_size or min(EVAL_BATCH, max(1, len(self.examples)))
-        self.batches = eval_batches(self.examples, self.batch_size, max_length, tokenizer.pad_token_id)
+        self.batches = eval_batches(self.examples, self.batch_size, max_length, tokenizer.pad_id)
         self._loss = make_eval_step(model, lora_cfg)
         longest = max((len(e.ids) - e.prompt_len for e in self.examples), default=16)
         self.max_new_tokens = max_new_tokens or min(bucket_for(longest, buckets(256)), 256)
@@ -62,7 +62,7 @@ class Evaluator:
         """Greedy continuations (token ids, eos stripped) of tokenized prompts."""
         new = self.max_new_tokens
         out: list[list[int]] = []
-        pad = self.tokenizer.pad_token_id
+        pad = self.tokenizer.pad_id
         for s in range(0, len(prompts), self.batch_size):
             chunk = list(prompts[s:s + self.batch_size])
             chunk += [chunk[-1]] * (self.batch_size - len(chunk))
@@ -83,7 +83,7 @@ class Evaluator:
             res, res_len = to_host(gen(frozen, lora, buf, lens))
             for i in range(min(self.batch_size, len(prompts) - s)):
                 toks = res[i, lens[i]:res_len[i]].tolist()
-                eos = self.tokenizer.eos_token_id
+                eos = self.tokenizer.eos_id
                 out.append(toks[: toks.index(eos)] if eos in toks else toks)
         return out
 
@@ -91,7 +91,7 @@ class Evaluator:
         key = (new, cached)
         if key not in self._gen:
             make = make_greedy_cached if cached else make_greedy
-            self._gen[key] = make(self.model, self.lora_cfg, new, self.tokenizer.eos_token_id)
+            self._gen[key] = make(self.model, self.lora_cfg, new, self.tokenizer.eos_id)
         return self._gen[key]
 
     def rouge(self, lora, frozen, n: int = 32) -> dict[str, Any]:

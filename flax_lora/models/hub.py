@@ -73,23 +73,33 @@ def load_config(source: str, supported: Collection[str]):
         raise UserError(f"model {source!r}: unusable config.json ({str(exc).splitlines()[0][:300]})") from None
 
 
-def prepare_tokenizer(tok):
-    """Give a tokenizer without a pad token one (eos, masked out of the loss by our masks)."""
-    if tok.pad_token is None:
-        if tok.eos_token is None:
-            raise UserError("tokenizer has neither a pad nor an eos token")
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "right"
+def load_tokenizer(source: str, supported: Collection[str]):
+    """The model's tokenizer (:class:`advisor.tokenizer.Tokenizer`), read from ``tokenizer.json`` and
+    its configs; a folder without ``tokenizer.json`` goes through transformers' conversion once."""
+    from advisor.tokenizer import Tokenizer
+
+    folder = resolve(source)
+    read_config_json(folder, source, supported)  # refuses remote code before anything looks at the folder
+    if (folder / "tokenizer.json").is_file():
+        tok = Tokenizer.from_folder(folder)
+    else:
+        tok = _converted(folder, source)
+    if tok.pad_id is None:
+        raise UserError(f"model {source!r}: the tokenizer has neither a pad nor an eos token")
     return tok
 
 
-def load_tokenizer(source: str, supported: Collection[str]):
+def _converted(folder: Path, source: str):
+    """A tokenizer without ``tokenizer.json`` (e.g. only a sentencepiece model), converted by transformers."""
     from transformers import AutoTokenizer
 
-    folder = resolve(source)
+    from advisor.tokenizer import SPECIALS, Tokenizer
+
     try:
-        read_config_json(folder, source, supported)  # refuses remote code before transformers looks at the folder
-        tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+        hf = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False, use_fast=True)
     except (OSError, ValueError) as exc:
         raise UserError(f"model {source!r}: no usable tokenizer in {folder} ({exc})") from None
-    return prepare_tokenizer(tok)
+    if not getattr(hf, "is_fast", False):
+        raise UserError(f"model {source!r}: its tokenizer has no fast (tokenizer.json) form")
+    config = {k: getattr(hf, k, None) for k in SPECIALS}
+    return Tokenizer(hf.backend_tokenizer, config, chat_template=getattr(hf, "chat_template", None), name=source)

@@ -40,6 +40,7 @@ class Setup:
     lora_cfg: Any  # flax_lora.lora.LoraConfig
     reports: dict[str, RowReport]  # "train" / "eval"
     init_lora: Any = None  # from --adapter
+    template_origin: str | None = None  # where a chat's template came from
 
 
 def sources(cfg: RunConfig, rd: RunDir) -> Sources:
@@ -60,14 +61,32 @@ def _rows(cfg: RunConfig, src: Sources):
     """(train rows, eval rows, format, reports): eval rows from --eval-data or a held-out split."""
     from flax_lora.data.load import load_checked, split_eval
 
-    train_rows, fmt, train_report = load_checked(src.data, input_field=cfg.input_field,
-                                                 target_field=cfg.target_field, policy=cfg.on_bad_row)
+    train_rows, fmt, train_report = load_checked(src.data, input_field=cfg.input_field, target_field=cfg.target_field,
+                                                 name=cfg.data_format, policy=cfg.on_bad_row)
     reports = {"train": train_report}
     if src.eval_data:
         eval_rows, _, reports["eval"] = load_checked(src.eval_data, fmt=fmt, policy=cfg.on_bad_row)
     else:
         train_rows, eval_rows = split_eval(train_rows, seed=cfg.seed)
     return train_rows, eval_rows, fmt, reports
+
+
+def _examples(cfg: RunConfig, rows, fmt: Format, tokenizer, template: str | None, report: RowReport) -> list:
+    """Rows as the examples the loop trains on (:mod:`advisor.examples`, the advisor's own path):
+    whole sequences cut to max_length, or a text document's windows; cut rows and windows counted."""
+    from advisor.examples import encode_rows, fit
+
+    out = []
+    for ex in encode_rows(rows, fmt, tokenizer, template, report, cfg.on_bad_row):
+        parts = fit(ex, cfg.max_length, fmt.kind)
+        out += parts
+        if len(parts) > 1:
+            report.windows += len(parts)
+            report.split.append(ex.row)
+        elif parts[0].truncated:
+            report.truncated.append(ex.row)
+    report.truncated.sort()
+    return out
 
 
 def _model(cfg: RunConfig, src: Sources):
@@ -105,18 +124,19 @@ def _targets(cfg: RunConfig, model, linears):
 
 def build(cfg: RunConfig, rd: RunDir, *, with_train: bool = True) -> Setup:
     """Load and check everything ``cfg`` names (``with_train=False``: the eval set only)."""
-    from flax_lora.data.tokenize import render, tokenize
-
     src = sources(cfg, rd)
     train_rows, eval_rows, fmt, reports = _rows(cfg, src)
     model, tokenizer, linears = _model(cfg, src)
-    to_examples = lambda rows: tokenize([render(r, fmt, tokenizer) for r, _ in rows], tokenizer, cfg.max_length)
-    train_ex = to_examples(train_rows) if with_train else []
-    eval_ex = to_examples(eval_rows)
-    for rows, exs, rep in ((train_rows, train_ex, reports["train"]), (eval_rows, eval_ex, reports.get("eval", reports["train"]))):
-        rep.truncated = sorted(set(rep.truncated) | {n for (_, n), ex in zip(rows, exs) if ex.truncated})
+    template, template_origin = None, None
+    if fmt.kind == "chat":
+        from advisor.templates import choose
+
+        template, template_origin = choose(tokenizer.chat_template, cfg.chat_template)
+    train_ex = _examples(cfg, train_rows, fmt, tokenizer, template, reports["train"]) if with_train else []
+    eval_ex = _examples(cfg, eval_rows, fmt, tokenizer, template, reports.get("eval", reports["train"]))
     targets, lora_cfg, init = _targets(cfg, model, linears)
-    return Setup(cfg, src, model, tokenizer, fmt, train_ex, eval_ex, linears, targets, lora_cfg, reports, init)
+    return Setup(cfg, src, model, tokenizer, fmt, train_ex, eval_ex, linears, targets, lora_cfg, reports, init,
+                 template_origin)
 
 
 def load_run(run_dir: str | Path, *, data: str | None = None):

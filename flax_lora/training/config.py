@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from advisor.errors import UnknownModel
-from advisor.schema import (Advice, DivergencePolicy, Precision, Quantization, RowPolicy, Schedule,
+from advisor.schema import (Advice, DataFormat, DivergencePolicy, Precision, Quantization, RowPolicy, Schedule,
                             TargetPreset)
 from flax_lora.errors import UserError
 
@@ -60,10 +60,15 @@ class RunConfig(_Frozen):
     precision: Precision
     quantization: Quantization
     remat: bool
+    packing: bool  # several examples per row, attention confined to each (training.advice: when data is short)
     # the trainer's own settings
     eval_data: str | None = None
+    split: str | None = None  # a Hub dataset's split to train on (None: "train")
+    eval_split: str | None = None  # a Hub dataset's eval split (None: its validation split, else held out)
+    data_format: DataFormat | None = None  # --format; None: detected from the columns
     input_field: str | None = None
     target_field: str | None = None
+    chat_template: str | None = None  # a template file or a built-in name; None: the tokenizer's
     max_steps: int | None = None
     seed: int = 0
     save_every: int = 0  # 0: only at the end
@@ -129,13 +134,16 @@ def make(cls, values: dict[str, Any]):
 
 def advice_values(advice: Advice) -> dict[str, Any]:
     """The advisor's choices under RunConfig's field names."""
-    lo, tr = advice.lora, advice.training
-    return dict(r=lo.r, alpha=lo.alpha, dropout=lo.dropout, use_rslora=lo.use_rslora,
+    lo, tr, req = advice.lora, advice.training, advice.request
+    reading = dict(data_format=req.data_format, input_field=req.input_field, target_field=req.target_field,
+                   chat_template=req.chat_template)  # how the advisor read the data: the trainer reads it so
+    return dict(**{k: v for k, v in reading.items() if v is not None}, r=lo.r, alpha=lo.alpha, dropout=lo.dropout, use_rslora=lo.use_rslora,
                 target_preset=lo.target_preset, target_modules=tuple(lo.target_modules),
                 epochs=tr.epochs, batch_size=tr.per_device_batch_size, grad_accum=tr.gradient_accumulation_steps,
                 max_length=tr.max_length, learning_rate=tr.learning_rate, lr_schedule=tr.lr_schedule,
                 warmup_steps=tr.warmup_steps, weight_decay=tr.weight_decay, max_grad_norm=tr.max_grad_norm,
-                precision=tr.precision, quantization=tr.quantization, remat=tr.gradient_checkpointing)
+                precision=tr.precision, quantization=tr.quantization, remat=tr.gradient_checkpointing,
+                packing=tr.packing)
 
 
 def local_path(source: str) -> str:
@@ -166,7 +174,7 @@ def config_from_advice(advice: Advice, *, model: str | None, data: str | None, o
     if is_demo:
         values.update(demo.SETTINGS)
     given = {k: v for k, v in overrides.items() if v is not None}
-    for key in ("eval_data", "adapter"):
+    for key in ("eval_data", "adapter", "chat_template"):
         if key in given:
             given[key] = local_path(given[key])
     if given.get("adapter"):  # continuing an adapter fixes its rank and scaling
@@ -209,14 +217,15 @@ def device_memory_gb() -> float:
     return round(stats.get("bytes_limit", 16 * 2**30) / 2**30, 1)
 
 
-def advice_for(model: str | None, data: str | None) -> tuple[Advice, str | None]:
+def advice_for(model: str | None, data: str | None, **reading) -> tuple[Advice, str | None]:
     """The advisor's advice for a run started without an advice file, and a note when it had to
     assume something (the same ``advise()`` users call; no second table of defaults).
 
     The demo asks with its own settings; a local data file is read by the advisor (the trainer's
     reader: same rows); a Hub dataset is counted by the trainer's loader. A model the advisor
     cannot find offline gets the advice for the reference shape, with targets resolved by preset
-    on the real model. Any other advisor error is the user's to fix: it is raised.
+    on the real model. Any other advisor error is the user's to fix: it is raised. ``reading``:
+    data_format, input_field, target_field, chat_template, as the flags give them.
     """
     from advisor import advise
     from flax_lora import demo
@@ -224,7 +233,8 @@ def advice_for(model: str | None, data: str | None) -> tuple[Advice, str | None]
 
     if _is_demo(model, data):
         return advise(demo.request()), None
-    request: dict[str, Any] = dict(vram_gb=device_memory_gb(), model=model)
+    request: dict[str, Any] = dict(vram_gb=device_memory_gb(), model=model,
+                                   **{k: v for k, v in reading.items() if v is not None})
     notes = []
     if data is not None and is_local(data):
         request["data"] = data

@@ -19,11 +19,11 @@ def test_jsonl_counts_and_estimates_lengths(tmp_path):
     path = write_jsonl(tmp_path / "train.jsonl", records)
     a = advise(data=str(path), vram_gb=24, model="gpt2")
     d = a.data
-    lengths = sorted(math.ceil((n + 40) / 4) for n in chars)
+    lengths = sorted(math.ceil((n + 40) / 4) + 1 for n in chars)  # + the EOS the trainer appends
     assert d.samples == 100 and a.request.samples is None
-    assert (d.p95, d.max, d.length_unit, d.chars_per_token) == (154, 1010, "estimated-tokens", 4.0)
-    assert lengths[94] == 154 and lengths[-1] == 1010
-    assert a.training.max_length == math.ceil(154 / 64) * 64 == 192
+    assert (d.p95, d.max, d.length_unit, d.chars_per_token) == (155, 1011, "estimated-tokens", 4.0)
+    assert lengths[94] == 155 and lengths[-1] == 1011
+    assert a.training.max_length == math.ceil(155 / 64) * 64 == 192
     assert d.truncated_at_max_length == sum(n > 192 for n in lengths) == 5
     assert any("truncates 5 of 100" in w for w in a.warnings)
     assert a.training.total_steps == math.ceil(100 / a.training.effective_batch_size) * a.training.epochs
@@ -39,16 +39,18 @@ def test_jsonl_counts_and_estimates_lengths(tmp_path):
     ({"dialogue": "a" * 40, "summary": "b" * 8}, "a" * 40 + "\n\nSummary: ", "b" * 8),
     ({"question": "a" * 7, "answer": "b"}, "Question: aaaaaaa\nAnswer: ", "b"),
     ({"text": "a" * 17}, "", "a" * 17),
-    ({"messages": [{"role": "user", "content": "abc"}, {"role": "assistant", "content": "defg"}]},
-     "user: abc\nassistant: ", "defg"),
     # both pairs present: prompt/completion wins, for the advisor as for the trainer
     ({"prompt": "p", "completion": "c", "instruction": "i", "output": "o"}, "p", "c"),
 ])
 def test_recognised_fields_are_measured_as_the_trainer_renders_them(tmp_path, record, prompt, target):
+    from advisor.examples import render_row
+
     path = write_jsonl(tmp_path / "d.jsonl", [record] * 3)
-    pairs, _, report = data_stats.sample_texts(path)
-    assert pairs == [(prompt, target)] * 3 and not report.bad
-    assert data_stats.token_lengths(pairs, None) == [math.ceil(len(prompt + target) / 4)] * 3
+    m = data_stats.measure(path)
+    assert not m.report.bad and m.tokenizer is None
+    rendered = render_row(record, m.fmt, "unused")
+    assert (rendered.text[:rendered.spans[-1][0]], rendered.text[rendered.spans[-1][0]:]) == (prompt, target)
+    assert m.lengths == [math.ceil(len(prompt + target) / 4) + 1] * 3  # + EOS
 
 
 def test_json_csv_and_parquet(tmp_path):
@@ -60,8 +62,8 @@ def test_json_csv_and_parquet(tmp_path):
         w.writerows(rows)
     for name in ("d.json", "d.csv"):
         a = advise(data=str(tmp_path / name), vram_gb=24, model="gpt2")
-        # "Question: " + 400 + "\nAnswer: " + 400 characters = 819 -> 205 estimated tokens
-        assert (a.data.samples, a.data.p95, a.training.max_length) == (10, 205, 256)
+        # "Question: " + 400 + "\nAnswer: " + 400 characters = 819 -> 205 estimated tokens, + EOS
+        assert (a.data.samples, a.data.p95, a.training.max_length) == (10, 206, 256)
     pq = pytest.importorskip("pyarrow.parquet")
     import pyarrow as pa
 

@@ -19,10 +19,11 @@ from advisor.formats import FIELDS, Format, columns_of, detect_format, to_text
         (["dialogue", "summary"], "pair", "dialogue", "summary"),
         (["question", "answer"], "pair", "question", "answer"),
         (["text", "meta"], "text", None, "text"),
-        (["messages"], "messages", None, None),
+        (["messages"], "chat", None, "messages"),
+        (["conversations"], "chat", None, "conversations"),
         # several known pairs: the table's order decides, the same for advisor and trainer
         (["instruction", "output", "prompt", "completion"], "pair", "prompt", "completion"),
-        (["text", "messages"], "messages", None, None),
+        (["text", "messages"], "chat", None, "messages"),
     ],
 )
 def test_recognises_common_fields(columns, kind, inp, tgt):
@@ -56,6 +57,5 @@ def test_rendering_alpaca_and_messages():
     fmt = detect_format(["instruction", "input", "output"])
     p, t = to_text({"instruction": "Add", "input": "1 2", "output": "3"}, fmt)
     assert "### Input:\n1 2" in p and p.endswith("### Response:\n") and t == "3"
-    p, t = to_text({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
-                   Format("messages"))
-    assert p == "user: hi\nassistant: " and t == "yo"
+    p, t = to_text({"instruction": "Add", "output": "3", "system": "Be brief."}, fmt)
+    assert p.startswith("Be brief.\n\n### Instruction:\nAdd") and "### Input" not in p

@@ -103,7 +103,7 @@ def test_messages_rows(tmp_path):
     no_answer = {"messages": [{"role": "user", "content": "hi"}]}
     bad_item = {"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}
     path = jsonl(tmp_path, [json.dumps(x) for x in (ok, no_answer, bad_item, {"messages": "hi"})])
-    records, _, report = load(path, kind="messages", inp=None, tgt=None)
+    records, _, report = load(path, kind="chat", inp=None, tgt="messages")
     assert len(records) == 1 and [b.line for b in report.bad] == [2, 3, 4]
 
 

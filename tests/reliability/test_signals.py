@@ -35,7 +35,7 @@ def slow_model(tmp_path_factory):
                       num_key_value_heads=2, vocab_size=32, max_position_embeddings=1024, bos_token_id=1,
                       eos_token_id=1, pad_token_id=0)
     hf.save_pt_safetensors(d / "model", causal_lm_from_config(cfg, seed=0).params, cfg)
-    demo.build_tokenizer().save_pretrained(str(d / "model"))
+    demo.save_tokenizer(demo.build_tokenizer(), d / "model")
     rows = [{"prompt": " ".join(str((i * 7 + j) % 10) for j in range(SEQ - 20)), "completion": " one two"}
             for i in range(64)]
     (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

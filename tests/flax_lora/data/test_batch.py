@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from flax_lora.data.batch import Batches, buckets, eval_batches
-from flax_lora.data.tokenize import Example
+from advisor.examples import Example
 
 
 def _examples(*lengths):

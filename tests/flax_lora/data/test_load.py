@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from advisor.data_stats import sample_texts
+from advisor.data_stats import measure
 from advisor.formats import to_text
 from flax_lora.data.load import is_local, load_checked, read_rows, split_eval
 from flax_lora.errors import UserError
@@ -29,10 +29,10 @@ def test_trainer_and_advisor_see_the_same_rows_and_text(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     kept, fmt, report = load_checked(str(path))
-    pairs, afmt, areport = sample_texts(path)
-    assert fmt == afmt and fmt.describe() == "pair(prompt -> completion)"
-    assert [b.line for b in report.bad] == [b.line for b in areport.bad] == [5]
-    assert [to_text(r, fmt) for r, _ in kept] == pairs
+    m = measure(path)
+    assert fmt == m.fmt and fmt.describe() == "pair(prompt -> completion)"
+    assert [b.line for b in report.bad] == [b.line for b in m.report.bad] == [5]
+    assert len(m.lengths) == len(kept) == 29 and to_text(kept[0][0], fmt) == ("p0", "c0")
 
 
 def test_split_eval_is_seeded_and_bounded():

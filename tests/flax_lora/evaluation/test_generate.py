@@ -144,8 +144,8 @@ def test_cached_greedy_matches_uncached(case):
 
 
 class _Tok(SimpleNamespace):
-    pad_token_id: int = 0
-    eos_token_id: int | None = None
+    pad_id: int = 0
+    eos_id: int | None = None
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
@@ -153,12 +153,12 @@ def test_evaluator_generate_same_with_and_without_cache(name):
     model, flat = _build(name)
     lora = _adapter(flat, model)
     prompts = _prompts(seed=1)[:5]  # 5 prompts, batch 4: the last chunk is padded with copies
-    ref_ev = Evaluator(model, LORA_CFG, _Tok(pad_token_id=0, eos_token_id=None), [], max_length=16, batch_size=4,
+    ref_ev = Evaluator(model, LORA_CFG, _Tok(pad_id=0, eos_id=None), [], max_length=16, batch_size=4,
                        max_new_tokens=NEW)
     ref_ev.cache_unsupported = "forced off in this test"
     ref = ref_ev.generate(lora, model.params, prompts)
     eos = next(t for t in ref[0][1:] if t not in ref[1])  # stops row 0 early, not row 1
-    ev = Evaluator(model, LORA_CFG, _Tok(pad_token_id=0, eos_token_id=eos), [], max_length=16, batch_size=4,
+    ev = Evaluator(model, LORA_CFG, _Tok(pad_id=0, eos_id=eos), [], max_length=16, batch_size=4,
                    max_new_tokens=NEW)
     assert ev.cache_unsupported is None
     out = ev.generate(lora, model.params, prompts)
@@ -174,7 +174,7 @@ def test_buffer_cut_to_position_table_falls_back_to_uncached():
     model, flat = _build("gpt2")  # 64 positions
     lora = _adapter(flat, model)
     prompts = [np.arange(3, 3 + 60, dtype=np.int32) % VOCAB, np.arange(5, 10, dtype=np.int32)]
-    ev = Evaluator(model, LORA_CFG, _Tok(pad_token_id=0, eos_token_id=None), [], max_length=64, batch_size=2,
+    ev = Evaluator(model, LORA_CFG, _Tok(pad_id=0, eos_id=None), [], max_length=64, batch_size=2,
                    max_new_tokens=8)
     out = ev.generate(lora, model.params, prompts)
     assert list(ev._gen) == [(8, False)]  # 60 + 8 > 64: no room for 8 tokens after the longest prompt
@@ -199,7 +199,7 @@ def test_model_without_cache_protocol_uses_uncached_path():
     params = module.init(jax.random.PRNGKey(0), ids, jnp.ones_like(ids), ids)["params"]
     model = CausalLM(module, params, SimpleNamespace(max_position_embeddings=32), "toy", "toy")
     assert "init_cache" in kv_cache_support(model)
-    ev = Evaluator(model, LORA_CFG, _Tok(pad_token_id=0, eos_token_id=None), [], max_length=8, batch_size=2,
+    ev = Evaluator(model, LORA_CFG, _Tok(pad_id=0, eos_id=None), [], max_length=8, batch_size=2,
                    max_new_tokens=4)
     out = ev.generate({}, params, [np.array([1, 2, 3], np.int32), np.array([4], np.int32)])
     assert [len(o) for o in out] == [4, 4] and list(ev._gen) == [(4, False)]

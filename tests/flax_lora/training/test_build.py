@@ -28,7 +28,7 @@ def llama_dir(tmp_path_factory):
                       num_key_value_heads=2, vocab_size=32, max_position_embeddings=64, bos_token_id=1,
                       eos_token_id=1, pad_token_id=0)
     hf.save_pt_safetensors(d / "model", causal_lm_from_config(cfg, seed=0).params, cfg)
-    demo.build_tokenizer().save_pretrained(str(d / "model"))
+    demo.save_tokenizer(demo.build_tokenizer(), d / "model")
     (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in demo.make_rows(40, 0)))
     return d
 

@@ -32,7 +32,7 @@ def llama_dir(tmp_path_factory):
                       bos_token_id=1, eos_token_id=1, pad_token_id=0)
     model = causal_lm_from_config(cfg, seed=0)
     hf.save_pt_safetensors(d / "model", model.params, cfg)
-    demo.build_tokenizer().save_pretrained(str(d / "model"))
+    demo.save_tokenizer(demo.build_tokenizer(), d / "model")
     (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in demo.make_rows(96, 0)))
     return d
 
