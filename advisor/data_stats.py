@@ -56,8 +56,9 @@ def _chat_setup(model_dir: Path | None, tok, given: str | None) -> tuple[str, st
 
 def measure(path: str | Path, model_dir: Path | None = None, *, data_format: DataFormat | None = None,
             input_field: str | None = None, target_field: str | None = None, chat_template: str | None = None,
-            policy: RowPolicy = "skip", pieces: bool = False) -> Measured:
-    """Every usable row of a local file rendered and measured as ``lora train`` builds it.
+            policy: RowPolicy = "skip", pieces: int = 0) -> Measured:
+    """Every usable row of a local file rendered and measured as ``lora train`` builds it; the first
+    ``pieces`` examples also as decoded (text, trained) segments (``lora data --show``).
 
     A bad input is an :class:`AdviceError` (the advisor's contract) with the reader's message.
     """
@@ -88,7 +89,7 @@ def _measure(path, model_dir, data_format, input_field, target_field, chat_templ
         if tok is None:
             lengths.append(estimate_length(rendered))
         else:
-            examples.append(encode(rendered, tok, number, pieces=pieces))
+            examples.append(encode(rendered, tok, number, pieces=len(examples) < pieces))
             lengths.append(len(examples[-1].ids))
     report.bad.sort(key=lambda b: b.line)
     apply_policy(report, policy)

@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "generate": "cli.train:generate",
     "export": "cli.export:export",
     "diagnose": "cli.diagnose:diagnose",
+    "data": "cli.data:data",
 }
 
 HELP = {
@@ -33,6 +34,7 @@ HELP = {
     "generate": "Generate text from a run directory or a model (+ adapter).",
     "export": "Export a run's adapter for PEFT, or a merged checkpoint.",
     "diagnose": "Read a run's metrics and apply the guide's 'Signs of ...' rules.",
+    "data": "Show how a data file's rows become training tokens (format, drops, lengths, trained spans).",
 }
 
 
