@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from advisor.errors import AdviceError, UserError
-from advisor.examples import CHARS_PER_TOKEN, Example, encode, estimate_length, render_row
+from advisor.examples import CHARS_PER_TOKEN, Example, encode, estimate_length, render_row, text_pieces
 from advisor.formats import Format, usable_rows
 from advisor.rows import BadRow, RowReport, apply_policy, read_records
 from advisor.schema import DataFormat, RowPolicy
@@ -35,6 +35,7 @@ class Measured:
     tokenizer: Path | None  # the tokenizer.json the lengths were counted with (None: estimated)
     template: str | None = None  # where a chat's template came from
     examples: list[Example] = field(default_factory=list)  # with a tokenizer: the encoded rows
+    shown: list[dict] = field(default_factory=list)  # the first rows as {line, tokens, trained_tokens, pieces}
 
 
 def _chat_setup(model_dir: Path | None, tok, given: str | None) -> tuple[str, str, dict]:
@@ -79,7 +80,7 @@ def _measure(path, model_dir, data_format, input_field, target_field, chat_templ
     tok_file = model_dir / "tokenizer.json" if model_dir is not None else None
     tok = Tokenizer.from_folder(model_dir) if tok_file is not None and tok_file.is_file() else None
     template, origin, special = _chat_setup(model_dir, tok, chat_template) if fmt.kind == "chat" else (None, None, {})
-    lengths, examples = [], []
+    lengths, examples, shown = [], [], []
     for row, number in rows:
         try:
             rendered = render_row(row, fmt, template, special)
@@ -88,12 +89,19 @@ def _measure(path, model_dir, data_format, input_field, target_field, chat_templ
             continue
         if tok is None:
             lengths.append(estimate_length(rendered))
+            if len(shown) < pieces:
+                shown.append({"line": number, "tokens": lengths[-1], "trained_tokens": None,
+                              "pieces": text_pieces(rendered)})
         else:
-            examples.append(encode(rendered, tok, number, pieces=len(examples) < pieces))
-            lengths.append(len(examples[-1].ids))
+            ex = encode(rendered, tok, number, pieces=len(shown) < pieces)
+            examples.append(ex)
+            lengths.append(len(ex.ids))
+            if ex.pieces:
+                shown.append({"line": number, "tokens": len(ex.ids), "trained_tokens": int(ex.loss_mask.sum()),
+                              "pieces": ex.pieces})
     report.bad.sort(key=lambda b: b.line)
     apply_policy(report, policy)
-    return Measured(lengths, fmt, report, tok_file if tok is not None else None, origin, examples)
+    return Measured(lengths, fmt, report, tok_file if tok is not None else None, origin, examples, shown)
 
 
 def windows(lengths: list[int], max_length: int) -> int:

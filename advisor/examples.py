@@ -94,6 +94,16 @@ def _pieces(tok, ids, mask) -> list[tuple[str, bool]]:
     return out
 
 
+def text_pieces(r: Rendered) -> list[tuple[str, bool]]:
+    """The rendered text as (text, trained) runs, at the character level (no tokenizer needed)."""
+    out, at = [], 0
+    for a, b in r.spans:
+        out += [(r.text[at:a], False)] if a > at else []
+        out.append((r.text[a:b], True))
+        at = b
+    return out + ([(r.text[at:], False)] if at < len(r.text) else [])
+
+
 def estimate_length(r: Rendered) -> int:
     """Tokens of a rendered row estimated from its characters (no tokenizer offline)."""
     return math.ceil(len(r.text) / CHARS_PER_TOKEN) + (0 if r.chat else 1)

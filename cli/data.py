@@ -57,8 +57,9 @@ def _summary(m, path: str, max_length: int | None) -> dict:
     return out
 
 
-def _render_text(summary: dict, examples, show: int) -> str:
-    unit = "tokens" if summary["tokenizer"] else "tokens estimated at 4 chars/token; give --model for exact counts"
+def _render_text(summary: dict, shown: list[dict]) -> str:
+    exact = summary["tokenizer"] is not None
+    unit = "tokens" if exact else "tokens estimated at 4 chars/token; give --model for exact counts"
     lines = [f"lora data {summary['data']}: format {summary['format']}"
              + (f", chat template: {summary['chat_template']}" if summary["chat_template"] else ""),
              f"rows: {summary['rows']} read, {summary['kept']} kept, {len(summary['dropped'])} dropped"]
@@ -67,12 +68,11 @@ def _render_text(summary: dict, examples, show: int) -> str:
     lines.append(f"length: p50 {lp['p50']}, p95 {lp['p95']}, max {lp['max']} ({unit})")
     if "max_length" in summary:
         lines.append(f"longer than max_length {summary['max_length']}: {summary['longer_than_max_length']}")
-    for ex in examples[:show]:
-        trained = int(ex.loss_mask.sum())
-        lines += ["", f"example (line {ex.row}): {len(ex.ids)} tokens, {trained} trained {MARK[0]}like this{MARK[1]}",
-                  _marked(ex.pieces)]
-    if show and not examples:
-        lines += ["", "(no examples shown: give --model with a tokenizer.json to see the exact tokens)"]
+    chat = summary["format"].startswith(("chat", "sharegpt"))
+    for ex in shown:
+        what = (f"{ex['tokens']} tokens, {ex['trained_tokens']} trained" if exact else
+                f"~{ex['tokens']} tokens; trained text" + ("" if chat else " (and the EOS after it)"))
+        lines += ["", f"example (line {ex['line']}): {what} {MARK[0]}like this{MARK[1]}", _marked(ex["pieces"])]
     return "\n".join(lines)
 
 
@@ -96,9 +96,8 @@ def data(data, model, data_format, input_field, target_field, chat_template, max
                 target_field=target_field, chat_template=chat_template, policy=on_bad_row, pieces=show)
     summary = _summary(m, data, max_length)
     if as_json:
-        summary["examples"] = [{"line": ex.row, "tokens": len(ex.ids), "trained_tokens": int(ex.loss_mask.sum()),
-                                "segments": [{"text": t, "trained": on} for t, on in ex.pieces]}
-                               for ex in m.examples[:show]]
+        summary["examples"] = [{"line": ex["line"], "tokens": ex["tokens"], "trained_tokens": ex["trained_tokens"],
+                                "segments": [{"text": t, "trained": on} for t, on in ex["pieces"]]} for ex in m.shown]
         click.echo(json.dumps(summary, indent=2, ensure_ascii=False))
         return
-    click.echo(_render_text(summary, m.examples, show))
+    click.echo(_render_text(summary, m.shown))

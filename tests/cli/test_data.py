@@ -49,8 +49,11 @@ def test_json_segments_and_a_tokenizer_free_estimate(files):
     assert "".join(s["text"] for s in report["examples"][0]["segments"]).startswith("<|im_start|>system")
     res = CliRunner().invoke(cli, ["data", "--data", str(files / "chat.jsonl"), "--json"])
     estimate = json.loads(res.output)
-    assert estimate["length_unit"] == "estimated-tokens" and estimate["examples"] == []
-    assert "built-in chatml" in estimate["chat_template"]
+    assert estimate["length_unit"] == "estimated-tokens" and "built-in chatml" in estimate["chat_template"]
+    # without a tokenizer the spans are still exact, at the character level
+    trained = [s["text"] for s in estimate["examples"][0]["segments"] if s["trained"]]
+    assert trained == ["Paris.<|im_end|>", "Why did the cat sit on the computer?<|im_end|>"]
+    assert estimate["examples"][0]["trained_tokens"] is None
 
 
 def test_bad_files_are_one_line_and_it_needs_no_jax(files):
