@@ -589,12 +589,13 @@ def rule_data_summary(ctx: Context) -> Decision:
     lengths, tokenizer = ctx.lengths, ctx.tokenizer
     if lengths is None:
         return Decision({"stats": None})
-    truncated = sum(1 for n in lengths if n > ctx.max_length)
     m = ctx.measured
+    corpus = m.fmt.kind == "text"  # documents are split into windows, never cut
+    truncated = 0 if corpus else sum(1 for n in lengths if n > ctx.max_length)
     stats = DataStats(
         path=str(ctx.request.data), samples=len(lengths), format=m.fmt.describe(), chat_template=m.template,
         skipped_rows=len(m.report.bad),
-        windows=data_stats.windows(lengths, ctx.max_length) if m.fmt.kind == "text" else None,
+        windows=data_stats.windows(lengths, ctx.max_length) if corpus else None,
         length_unit="tokens" if tokenizer else "estimated-tokens",
         tokenizer=str(tokenizer) if tokenizer else None,
         chars_per_token=None if tokenizer else data_stats.CHARS_PER_TOKEN,

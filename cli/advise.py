@@ -83,6 +83,10 @@ def _targets(value: str | None):
 @click.option("--recipe", type=_choice(schema.RecipeName), help="Start from one of the guide's recipes.")
 @click.option("--gpus", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--data", help="JSONL/JSON/CSV/Parquet file: counts samples, measures lengths.")
+@click.option("--format", "data_format", type=_choice(schema.DataFormat), help="How to read --data (default: detected).")
+@click.option("--input-field", help="--data: the column holding the prompt.")
+@click.option("--target-field", help="--data: the column holding the target (a chat's turns, a document).")
+@click.option("--chat-template", help="--data with chats: a Jinja template file or 'chatml' (default: the model's).")
 @click.option("--r", "r", type=click.IntRange(min=1), help="LoRA rank.")
 @click.option("--alpha", type=click.FloatRange(min=0, min_open=True))
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True))
@@ -158,8 +162,10 @@ def render(advice: schema.Advice) -> str:
     if advice.data is not None:
         d = advice.data
         unit = "tokens" if d.tokenizer else f"tokens, estimated at {d.chars_per_token:g} chars/token"
-        lines += ["", f"data  {d.path}: {d.samples:,} samples; length p50 {d.p50}, p95 {d.p95}, max {d.max} "
-                      f"({unit}); {d.truncated_at_max_length} truncated at {t.max_length}"]
+        cut = (f"split into {d.windows:,} windows of {t.max_length}" if d.windows is not None
+               else f"{d.truncated_at_max_length} truncated at {t.max_length}")
+        lines += ["", f"data  {d.path}: {d.samples:,} samples ({d.format}); length p50 {d.p50}, p95 {d.p95}, "
+                      f"max {d.max} ({unit}); {cut}"]
     if advice.warnings:
         lines += ["", "warnings"] + [f"  - {w}" for w in advice.warnings]
     return "\n".join(lines)
