@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, MistralConfig, Qwen2Config
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GenerationConfig, LlamaConfig,
+                          MistralConfig, Olmo2Config, Phi3Config, Qwen2Config, Qwen3Config, SmolLM3Config)
 
 HERE = Path(__file__).parent / "fixtures"
 SMALL = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, max_position_embeddings=64)
@@ -54,6 +55,47 @@ FIXTURES = {
     "mistral_window": MistralConfig(
         **SMALL, num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=1000000.0, sliding_window=4
     ),
+    # Qwen3: per-head RMSNorm on q and k, head_dim (16) independent of hidden / heads (8), tied.
+    "qwen3_qknorm_headdim": Qwen3Config(
+        **SMALL, num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=1000000.0,
+        tie_word_embeddings=True,
+    ),
+    # Qwen3 with YaRN rope scaling past a short original context.
+    "qwen3_yarn": Qwen3Config(
+        **SMALL, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        rope_scaling={"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 8},
+    ),
+    # Gemma 2: soft-caps that bind (attention 1.0, final 2.0), sliding window 4 on alternating
+    # layers, pre/post norms, (1 + w) RMSNorm, sqrt(hidden)-scaled embedding, GELU-tanh,
+    # query_pre_attn_scalar, tied.
+    "gemma2_softcap_window": Gemma2Config(
+        **{**SMALL, "num_hidden_layers": 3}, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        query_pre_attn_scalar=12, sliding_window=4, attn_logit_softcapping=1.0, final_logit_softcapping=2.0,
+        initializer_range=0.2,
+    ),
+    # Gemma 3 (text): q/k norms, per-layer sliding/full attention, local rope base 10000 and global
+    # 1e6 with linear scaling on global layers only.
+    "gemma3_text_local_global": Gemma3TextConfig(
+        **{**SMALL, "num_hidden_layers": 3}, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        query_pre_attn_scalar=12, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_theta=1000000.0, rope_local_base_freq=10000.0, rope_scaling={"rope_type": "linear", "factor": 8.0},
+        initializer_range=0.2,
+    ),
+    # Phi-3 / Phi-4-mini: fused qkv_proj and gate_up_proj, partial rotary (0.75), longrope with
+    # the input past the original length (long factors), sliding window.
+    "phi3_longrope_partial": Phi3Config(
+        **SMALL, num_attention_heads=4, num_key_value_heads=2, partial_rotary_factor=0.75,
+        original_max_position_embeddings=8, sliding_window=6, pad_token_id=0,
+        rope_scaling={"type": "longrope", "short_factor": [1.0, 1.5, 2.0], "long_factor": [2.0, 4.0, 8.0]},
+    ),
+    # SmolLM3: a NoPE layer (no rotary embedding), tied.
+    "smollm3_nope": SmolLM3Config(
+        **SMALL, num_attention_heads=4, num_key_value_heads=2, no_rope_layers=[1, 0], rope_theta=2000000.0, pad_token_id=0,
+        tie_word_embeddings=True,
+    ),
+    # OLMo 2: norms after attention and MLP (no pre-norms), q/k norms over the full projections.
+    "olmo2_post_norms": Olmo2Config(**SMALL, num_attention_heads=4, num_key_value_heads=2, pad_token_id=0),
     # Dynamic NTK rope with the input past max_position_embeddings (logits only: PyTorch's
     # frequencies depend on the history of calls, so cached generation is not comparable).
     "llama_dynamic_rope": LlamaConfig(
@@ -63,14 +105,16 @@ FIXTURES = {
 }
 
 
-def main() -> None:
+def main(only: list[str] | None = None) -> None:
     for i, (name, config) in enumerate(FIXTURES.items()):
+        if only and name not in only:
+            continue
         torch.manual_seed(1234 + i)
         config.attn_implementation = "eager"
         model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32).eval()
         with torch.no_grad():  # random-init norms are all ones: perturb them so they are tested
             for n, p in model.named_parameters():
-                if n.endswith("norm.weight"):
+                if n.endswith(("norm.weight", "layernorm.weight")):
                     p.add_(0.1 * torch.randn_like(p))
                 if n.endswith(".bias"):
                     p.normal_(0, 0.1)
@@ -95,4 +139,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    main(sys.argv[1:])  # names: only those fixtures (the seeds follow the table's order)
