@@ -44,9 +44,14 @@ class Setup:
 
 
 def sources(cfg: RunConfig, rd: RunDir) -> Sources:
-    """The run's model and data paths; the demo's are written into the run folder first (by process 0)."""
+    """The run's model and data as it reads and records them (``resolved.json``): a dataset's split
+    made explicit and its eval split chosen (:func:`flax_lora.data.load.resolve`; eval_data None:
+    hold out a share of the training rows). The demo's files are written into the run folder first
+    (by process 0)."""
+    from flax_lora.data.load import resolve
+
     if not cfg.demo:
-        return Sources(cfg.model, cfg.data, cfg.eval_data)
+        return Sources(cfg.model, *resolve(cfg.data, cfg.eval_data, split=cfg.split, eval_split=cfg.eval_split))
     from flax_lora import demo
     from flax_lora.training.parallel import barrier
 
@@ -54,11 +59,15 @@ def sources(cfg: RunConfig, rd: RunDir) -> Sources:
         demo.materialize(rd.path, cfg.seed)
     barrier("lora-demo-files")  # the other processes read what process 0 wrote (one shared folder)
     model_dir, train_path, eval_path = demo.materialize(rd.path, cfg.seed)
-    return Sources(str(model_dir.resolve()), str(train_path.resolve()), cfg.eval_data or str(eval_path.resolve()))
+    data, eval_data = resolve(str(train_path.resolve()), cfg.eval_data or str(eval_path.resolve()),
+                              split=cfg.split, eval_split=cfg.eval_split)
+    return Sources(str(model_dir.resolve()), data, eval_data)
 
 
 def _rows(cfg: RunConfig, src: Sources):
-    """(train rows, eval rows, format, reports): eval rows from --eval-data or a held-out split."""
+    """(train rows, eval rows, format, reports): eval rows from the eval source (--eval-data, or the
+    dataset's eval split :func:`sources` chose), else a held-out share of the training rows. The
+    sources name their splits, so both sides go through the same reader and row checks."""
     from flax_lora.data.load import load_checked, split_eval
 
     train_rows, fmt, train_report = load_checked(src.data, input_field=cfg.input_field, target_field=cfg.target_field,
@@ -147,7 +156,7 @@ def load_run(run_dir: str | Path, *, data: str | None = None):
     rd = RunDir(run_dir)
     cfg = rd.load_config()
     if data:
-        cfg = cfg.replace(eval_data=local_path(data))
+        cfg = cfg.replace(eval_data=local_path(data), eval_split=None)
     s = build(cfg, rd, with_train=False)
     lora, _, _, _ = load_adapter(rd.adapter)
     return s, s.model.stack_lora(lora)

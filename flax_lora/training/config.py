@@ -217,15 +217,16 @@ def device_memory_gb() -> float:
     return round(stats.get("bytes_limit", 16 * 2**30) / 2**30, 1)
 
 
-def advice_for(model: str | None, data: str | None, **reading) -> tuple[Advice, str | None]:
+def advice_for(model: str | None, data: str | None, split: str | None = None, **reading) -> tuple[Advice, str | None]:
     """The advisor's advice for a run started without an advice file, and a note when it had to
     assume something (the same ``advise()`` users call; no second table of defaults).
 
     The demo asks with its own settings; a local data file is read by the advisor (the trainer's
     reader: same rows); a Hub dataset is counted by the trainer's loader. A model the advisor
     cannot find offline gets the advice for the reference shape, with targets resolved by preset
-    on the real model. Any other advisor error is the user's to fix: it is raised. ``reading``:
-    data_format, input_field, target_field, chat_template, as the flags give them.
+    on the real model. Any other advisor error is the user's to fix: it is raised. ``split``: the
+    dataset split trained on (``--split``); ``reading``: data_format, input_field, target_field,
+    chat_template, as the flags give them.
     """
     from advisor import advise
     from flax_lora import demo
@@ -238,9 +239,10 @@ def advice_for(model: str | None, data: str | None, **reading) -> tuple[Advice, 
     notes = []
     if data is not None and is_local(data):
         request["data"] = data
-    else:
-        request["samples"] = max(1, len(read_rows(data)[0]))
-        notes.append(f"{data} is a Hub dataset: the advice counts its rows but does not measure their lengths")
+    else:  # a dataset: count the split that will be trained on
+        records, _, report = read_rows(data, split)
+        request["samples"] = max(1, len(records))
+        notes.append(f"{report.source} is a dataset: the advice counts its rows but does not measure their lengths")
     try:
         advice = advise(**request)
     except UnknownModel as exc:
