@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from cli.advise import _OneLineErrors
+
 
 def _load_advice(path: str):
     from advisor.schema import Advice
@@ -137,7 +139,8 @@ def _plan(advice_file, model, data, output, overrides, resume):
     if resume and model is None and data is None and not advice_file and RunDir(output).exists():
         return config_for_resume(RunDir(output).load_config(), output, overrides), None, None
     reading = {k: overrides.get(k) for k in ("data_format", "input_field", "target_field", "chat_template")}
-    advice, note = (_load_advice(advice_file), None) if advice_file else advice_for(model, data, **reading)
+    advice, note = ((_load_advice(advice_file), None) if advice_file
+                    else advice_for(model, data, overrides.get("split"), **reading))
     cfg = config_from_advice(advice, model=model, data=data, output=output, overrides=overrides)
     return cfg, advice.to_json(), note
 
@@ -159,18 +162,12 @@ def eval_cmd(run_dir, data, rouge_examples):
     click.echo(json.dumps(res, indent=2))
 
 
-@click.command("generate")
-@click.argument("run_dir", required=False, type=str)
-@click.option("--model", type=str, help="Base model (Hub id or folder) when no RUN_DIR is given.")
-@click.option("--adapter", type=str, help="Adapter to apply to --model: a lora adapter or PEFT directory.")
-@click.option("--prompt", required=True, type=str)
-@click.option("--max-new-tokens", type=click.IntRange(min=1, max=1024), default=64, show_default=True)
-def generate(run_dir, model, adapter, prompt, max_new_tokens):
-    """Greedy continuation of --prompt from a run directory, or a model (+ optional adapter)."""
-    import numpy as np
 
+
+def _generation_setup(run_dir, model, adapter):
+    """(model, tokenizer, adapter, LoraConfig, trained on chats, the run's --chat-template or None)
+    of a run directory, or of ``--model`` with an optional ``--adapter``."""
     from flax_lora.errors import UserError
-    from flax_lora.evaluation.evaluator import Evaluator
     from flax_lora.lora import LoraConfig
 
     if bool(run_dir) == bool(model):
@@ -179,20 +176,68 @@ def generate(run_dir, model, adapter, prompt, max_new_tokens):
         from flax_lora.training.build import load_run
 
         s, lora = load_run(run_dir)
-        m, tok, lora_cfg = s.model, s.tokenizer, s.lora_cfg
-    else:
-        from flax_lora.adapters.find import find_adapter, load_any_adapter
-        from flax_lora.models import load_model, load_tokenizer
+        return s.model, s.tokenizer, lora, s.lora_cfg, s.data_format.kind == "chat", s.cfg.chat_template
+    from flax_lora.adapters.find import find_adapter, load_any_adapter
+    from flax_lora.models import load_model, load_tokenizer
 
-        if adapter:
-            find_adapter(adapter)  # a wrong path fails before the model loads
-        m, tok = load_model(model), load_tokenizer(model)
-        lora, lora_cfg = {}, LoraConfig(1, 1.0)
-        if adapter:
-            lora, lora_cfg = load_any_adapter(adapter, m.linears(), m.model_type)
-    ids = np.asarray(tok.encode_prompt(prompt), np.int32)
-    if ids.size == 0:
+    if adapter:
+        find_adapter(adapter)  # a wrong path fails before the model loads
+    m, tok = load_model(model), load_tokenizer(model)
+    lora, lora_cfg = {}, LoraConfig(1, 1.0)
+    if adapter:
+        lora, lora_cfg = load_any_adapter(adapter, m.linears(), m.model_type)
+    return m, tok, lora, lora_cfg, False, None
+
+
+def _generation_prompt(tok, prompt: str, system: str | None, chat: bool, chat_template: str | None):
+    """The prompt as training saw its rows: a user turn in the chat template (chat), else
+    ``tokenizer(prompt)``."""
+    from flax_lora.errors import UserError
+    from flax_lora.evaluation.generate import Prompt
+
+    if not chat:
+        if system is not None:
+            raise UserError("--system needs a chat prompt (--chat)")
+        return Prompt.plain(tok, prompt)
+    from advisor.templates import choose
+
+    template, _ = choose(tok.chat_template, chat_template)
+    return Prompt.chat(tok, template, prompt, system)
+
+
+@click.command("generate", cls=_OneLineErrors)
+@click.argument("run_dir", required=False, type=str)
+@click.option("--model", type=str, help="Base model (Hub id or folder) when no RUN_DIR is given.")
+@click.option("--adapter", type=str, help="Adapter to apply to --model: a lora adapter or PEFT directory.")
+@click.option("--prompt", required=True, type=str)
+@click.option("--system", type=str, help="A system turn before the prompt (chat prompts only).")
+@click.option("--chat/--no-chat", default=None,
+              help="Send --prompt as a user turn in the chat template (default: when the run trained on chats).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1, max=1024), default=64, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Sampling temperature; 0 is greedy.")
+@click.option("--top-p", type=click.FloatRange(min=0, min_open=True, max=1), default=1.0, show_default=True,
+              help="Sample from the smallest set of likeliest tokens holding this probability.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed (same seed, same text).")
+@click.option("--chat-template", type=str,
+              help="Chat prompts: a Jinja template file or 'chatml' (default: the run's, else the tokenizer's).")
+def generate(run_dir, model, adapter, prompt, system, chat, max_new_tokens, temperature, top_p, seed, chat_template):
+    """Continuation of --prompt from a run directory, or a model (+ optional adapter): greedy, or
+    sampled with --temperature/--top-p; a chat run's prompt is a user turn, its answer ends at the
+    template's end-of-turn. Prints the generated text only."""
+    import numpy as np
+
+    from flax_lora.errors import UserError
+    from flax_lora.evaluation.evaluator import Evaluator
+    from flax_lora.evaluation.generate import Sampling
+
+    if system is not None and (chat is False or (model and chat is None)):
+        raise UserError("--system needs a chat prompt (--chat)")  # before any model loads
+    m, tok, lora, lora_cfg, chats, run_template = _generation_setup(run_dir, model, adapter)
+    p = _generation_prompt(tok, prompt, system, chats if chat is None else chat, chat_template or run_template)
+    if not p.ids:
         raise UserError("--prompt tokenizes to nothing")
-    ev = Evaluator(m, lora_cfg, tok, [], max_length=max(len(ids), 16), batch_size=1, max_new_tokens=max_new_tokens)
-    out = ev.generate(lora, m.params, [ids])[0]
-    click.echo(tok.decode(out, skip_special_tokens=True).strip())  # the continuation only
+    ev = Evaluator(m, lora_cfg, tok, [], max_length=max(len(p.ids), 16), batch_size=1, max_new_tokens=max_new_tokens,
+                   stop_ids=p.stop_ids)
+    out = ev.generate(lora, m.params, [np.asarray(p.ids, np.int32)], Sampling(temperature, top_p, seed))[0]
+    click.echo(p.answer(tok, out))  # the continuation only

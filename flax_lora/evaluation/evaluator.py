@@ -11,7 +11,7 @@ import numpy as np
 from flax_lora.data.batch import bucket_for, buckets, eval_batches
 from advisor.examples import Example
 from flax_lora.errors import UserError
-from flax_lora.evaluation.generate import kv_cache_support, make_greedy, make_greedy_cached
+from flax_lora.evaluation.generate import Sampling, kv_cache_support, make_greedy, make_greedy_cached, stop_ids_of
 from flax_lora.lora import LoraConfig
 from flax_lora.training.parallel import to_host
 from flax_lora.training.step import make_eval_step
@@ -30,11 +30,16 @@ def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, fl
 
 
 class Evaluator:
-    """Loss and ROUGE of an adapter on a fixed eval set; compiled functions are reused."""
+    """Loss and ROUGE of an adapter on a fixed eval set; compiled functions are reused.
+
+    Generation stops at the tokenizer's eos and any of ``stop_ids`` (a chat template's end-of-turn).
+    """
 
     def __init__(self, model, lora_cfg: LoraConfig, tokenizer, examples: Sequence[Example], *,
-                 max_length: int, batch_size: int | None = None, max_new_tokens: int | None = None):
+                 max_length: int, batch_size: int | None = None, max_new_tokens: int | None = None,
+                 stop_ids: Sequence[int] = ()):
         self.model, self.lora_cfg, self.tokenizer = model, lora_cfg, tokenizer
+        self.extra_stop_ids = tuple(stop_ids)
         self.examples = list(examples)
         self.max_length = max_length
         self.batch_size = batch_size or min(EVAL_BATCH, max(1, len(self.examples)))
@@ -42,7 +47,12 @@ class Evaluator:
         self._loss = make_eval_step(model, lora_cfg)
         longest = max((len(e.ids) - e.prompt_len for e in self.examples), default=16)
         self.max_new_tokens = max_new_tokens or min(bucket_for(longest, buckets(256)), 256)
-        self._gen: dict[tuple[int, bool], Any] = {}
+        self._gen: dict[tuple, Any] = {}  # (new tokens, cached) or (new tokens, cached, "sample")
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """The tokens generation stops at: the tokenizer's eos and the extra ``stop_ids``."""
+        return stop_ids_of([*stop_ids_of(self.tokenizer.eos_id), *self.extra_stop_ids])
 
     @functools.cached_property
     def cache_unsupported(self) -> str | None:
@@ -58,9 +68,12 @@ class Evaluator:
         loss = total / max(n, 1.0)
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(n)}
 
-    def generate(self, lora, frozen, prompts: Sequence[np.ndarray]) -> list[list[int]]:
-        """Greedy continuations (token ids, eos stripped) of tokenized prompts."""
+    def generate(self, lora, frozen, prompts: Sequence[np.ndarray], sampling: Sampling | None = None) -> list[list[int]]:
+        """Continuations (token ids, cut before the first stop token) of tokenized prompts: greedy,
+        or drawn as ``sampling`` says (batch ``i`` with key ``fold_in(key(seed), i)``)."""
         new = self.max_new_tokens
+        sample = sampling is not None and not sampling.greedy
+        stops = self.stop_ids
         out: list[list[int]] = []
         pad = self.tokenizer.pad_id
         for s in range(0, len(prompts), self.batch_size):
@@ -79,19 +92,21 @@ class Evaluator:
             # the cached decoder needs room for all `new` tokens after the longest prompt, which only
             # a buffer cut to the position table can lack; such a chunk decodes without the cache
             cached = self.cache_unsupported is None and int(lens.max()) <= width - new
-            gen = self._greedy(new, cached)
-            res, res_len = to_host(gen(frozen, lora, buf, lens))
+            gen = self._decoder(new, cached, sample)
+            how = sampling.args(s // self.batch_size) if sample else ()
+            res, res_len = to_host(gen(frozen, lora, buf, lens, *how))
             for i in range(min(self.batch_size, len(prompts) - s)):
                 toks = res[i, lens[i]:res_len[i]].tolist()
-                eos = self.tokenizer.eos_id
-                out.append(toks[: toks.index(eos)] if eos in toks else toks)
+                end = next((j for j, t in enumerate(toks) if t in stops), len(toks))
+                out.append(toks[:end])
         return out
 
-    def _greedy(self, new: int, cached: bool):
-        key = (new, cached)
+    def _decoder(self, new: int, cached: bool, sample: bool = False):
+        """The compiled decoder for ``new`` tokens (keyed ``(new, cached)``, plus "sample" when sampling)."""
+        key = (new, cached, "sample") if sample else (new, cached)
         if key not in self._gen:
             make = make_greedy_cached if cached else make_greedy
-            self._gen[key] = make(self.model, self.lora_cfg, new, self.tokenizer.eos_id)
+            self._gen[key] = make(self.model, self.lora_cfg, new, self.stop_ids, sample=sample)
         return self._gen[key]
 
     def rouge(self, lora, frozen, n: int = 32) -> dict[str, Any]:
