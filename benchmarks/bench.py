@@ -62,7 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--precision", default="fp32,bf16", help="comma-separated: fp32, bf16")
     p.add_argument("--scan", action=argparse.BooleanOptionalAction, default=True, help="scan over layers")
     p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--quantization", default="none", choices=["none", "int8"])
+    p.add_argument("--quantization", default="none", choices=["none", "int8", "nf4", "nf4-dq"])
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after the first")
     p.add_argument("--torch", action="store_true", help="also run PyTorch + PEFT (needs torch, peft)")

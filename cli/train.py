@@ -62,8 +62,9 @@ def _report_to(value: str | None):
 @click.option("--resume", is_flag=True, help="Continue the run in --output from its last checkpoint.")
 @click.option("--seed", type=int)
 @click.option("--precision", type=click.Choice(["bf16", "fp32"]))
-@click.option("--quantization", type=click.Choice(["none", "int8"]),
-              help="int8: frozen linear weights in int8 (the guide's load_in_8bit); default: the advice's.")
+@click.option("--quantization", type=click.Choice(["none", "int8", "nf4", "nf4-dq"]),
+              help="Frozen linear weights: int8 (the guide's load_in_8bit), nf4 (QLoRA's NormalFloat-4, blocks "
+                   "of 64), nf4-dq (nf4 with 8-bit scales); default: the advice's.")
 @click.option("--format", "data_format", type=click.Choice(["prompt-completion", "alpaca", "chat", "sharegpt", "text"]),
               help="How to read the rows (default: detected from the columns).")
 @click.option("--input-field", type=str, help="Column holding the prompt.")

@@ -143,12 +143,12 @@ def make_interceptor(scaling: float, dropout: float = 0.0, deterministic: bool =
 
     def intercept(next_fun, args, kwargs, context):
         module = context.module
-        if context.method_name == "__call__" and module.has_variable("params", "kernel_scale"):
-            from flax_lora.quant import quantized_call  # int8 frozen kernel (flax_lora.quant)
+        frozen = None
+        if context.method_name == "__call__":
+            from flax_lora.quant import frozen_call  # int8 / NF4 frozen kernels (flax_lora.quant, .nf4)
 
-            y = quantized_call(module, args[0])
-        else:
-            y = next_fun(*args, **kwargs)
+            frozen = frozen_call(module)
+        y = frozen(module, args[0]) if frozen is not None else next_fun(*args, **kwargs)
         if context.method_name != "__call__" or not module.has_variable(LORA, "a"):
             return y
         x = args[0]

@@ -10,6 +10,10 @@ exact (|q| <= 127) and fuses into the dot, the per-output-channel scale is appli
 :func:`quantized_call` computes it; the LoRA interceptor (``flax_lora.lora``) routes any linear
 that owns a ``kernel_scale`` through it, so the train step, evaluation and generation run on
 quantized weights unchanged; :func:`quant_active` does the same without an adapter.
+
+This module is also the entry point for the other frozen-weight formats: :func:`quantize_as`
+applies a run's ``quantization`` (``int8`` here, ``nf4`` / ``nf4-dq`` in :mod:`flax_lora.nf4`)
+and :func:`frozen_call` picks the forward of a quantized linear for the interceptors.
 """
 
 from __future__ import annotations
@@ -104,12 +108,40 @@ def _int8_bwd(conv1d, res, g):
 _int8_matmul.defvjp(_int8_fwd, _int8_bwd)
 
 
+METHODS = ("int8", "nf4", "nf4-dq")  # the frozen-weight formats besides "none"
+
+
+def quantize_as(params: Mapping, method: str, conv1d_paths: Iterable[str] = ()) -> Mapping:
+    """``params`` in a run's frozen-weight format: ``none`` (unchanged), ``int8``, ``nf4`` or
+    ``nf4-dq`` (NF4 with double-quantized scales, :mod:`flax_lora.nf4`)."""
+    if method == "none":
+        return params
+    if method == "int8":
+        return quantize_params(params, conv1d_paths)
+    if method in ("nf4", "nf4-dq"):
+        from flax_lora import nf4
+
+        return nf4.quantize_params(params, conv1d_paths, double_quant=method == "nf4-dq")
+    raise ValueError(f"unknown quantization {method!r}; expected none or one of {', '.join(METHODS)}")
+
+
+def frozen_call(module: nn.Module):
+    """The forward ``f(module, x)`` of a linear whose frozen kernel is quantized (int8:
+    :func:`quantized_call`; NF4: :func:`flax_lora.nf4.nf4_call`), None for any other module."""
+    if is_quantized(module):
+        return quantized_call
+    from flax_lora import nf4  # imported once; later calls are a dict lookup at trace time
+
+    return nf4.nf4_call if nf4.is_nf4(module) else None
+
+
 def make_interceptor():
-    """Routes quantized linears through :func:`quantized_call`; others run unchanged."""
+    """Routes quantized linears (int8 or NF4) through their forward; others run unchanged."""
 
     def intercept(next_fun, args, kwargs, context):
-        if context.method_name == "__call__" and is_quantized(context.module):
-            return quantized_call(context.module, args[0])
+        call = frozen_call(context.module) if context.method_name == "__call__" else None
+        if call is not None:
+            return call(context.module, args[0])
         return next_fun(*args, **kwargs)
 
     return intercept

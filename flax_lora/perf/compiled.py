@@ -51,7 +51,8 @@ def parse_case(text: str) -> dict:
     """``preset:batch:seq:precision[:int8][:remat][:noscan]`` -> a case dict."""
     parts = text.split(":")
     return {"preset": parts[0], "batch": int(parts[1]), "seq": int(parts[2]), "precision": parts[3],
-            "quantization": "int8" if "int8" in parts[4:] else "none", "remat": "remat" in parts[4:],
+            "quantization": next((p for p in parts[4:] if p in ("int8", "nf4", "nf4-dq")), "none"),
+            "remat": "remat" in parts[4:],
             "scan": "noscan" not in parts[4:]}
 
 
@@ -84,10 +85,10 @@ def _abstract_params(case: dict, module, config, scan: bool):
     flat_shapes = param_shapes(module.clone(scan=False, remat=False))
     stack = (lambda tree: stack_layers(tree, config.num_hidden_layers)) if scan else (lambda tree: tree)
     params = jax.eval_shape(stack, flat_shapes)
-    if case["quantization"] == "int8":
-        from flax_lora.quant import quantize_params
+    if case["quantization"] != "none":
+        from flax_lora.quant import quantize_as
 
-        params = jax.eval_shape(quantize_params, params)
+        params = jax.eval_shape(lambda p: quantize_as(p, case["quantization"]), params)
     return params, stack
 
 

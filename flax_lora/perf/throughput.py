@@ -89,10 +89,10 @@ def build_model(shape: dict, *, seq, precision, scan, remat, quantization, r, ta
     lora = init_lora(target_linears(module, config, targets, dtype), r, jax.random.PRNGKey(seed + 1))
     if scan:
         lora = stack_layers(lora, config.num_hidden_layers)
-    if quantization == "int8":
-        from flax_lora.quant import quantize_params
+    if quantization != "none":
+        from flax_lora.quant import quantize_as
 
-        params = quantize_params(params)
+        params = quantize_as(params, quantization)
     model = CausalLM(module, params, config, "llama", "bench", dtype, layers_stacked=scan)
     return model, params, lora, params_seconds
 

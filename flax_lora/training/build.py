@@ -107,12 +107,12 @@ def _model(cfg: RunConfig, src: Sources):
     dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[cfg.precision]
     tokenizer = load_tokenizer(src.model)
     model = load_model(src.model, dtype=dtype, scan=True, remat=cfg.remat)  # scan where the family can
-    linears = model.linears()  # found on the float weights
-    if cfg.quantization == "int8":
-        from flax_lora.quant import quantize_params
+    linears = model.linears()  # found on the float weights (an nf4 kernel has another shape)
+    if cfg.quantization != "none":
+        from flax_lora.quant import quantize_as
 
         conv1d = [p for p, i in linears.items() if i.kind == "conv1d"]
-        model.params = quantize_params(model.params, conv1d_paths=conv1d)
+        model.params = quantize_as(model.params, cfg.quantization, conv1d)
     return model, tokenizer, linears
 
 
