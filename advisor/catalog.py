@@ -45,6 +45,13 @@ ARCHS: dict[str, Arch] = {
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
     "gemma": _LLAMA,
+    "qwen3": _LLAMA,
+    "gemma2": _LLAMA,
+    "gemma3_text": _LLAMA,
+    "smollm3": _LLAMA,
+    "olmo2": _LLAMA,
+    # Phi-3 / Phi-4-mini fuse q, k, v into qkv_proj and gate, up into gate_up_proj (PEFT's names).
+    "phi3": Arch(("qkv_proj",), ("qkv_proj", "o_proj"), ("gate_up_proj", "down_proj"), False, True),
 }
 
 # Hugging Face config.json keys, first present wins (families name the same fact differently).
@@ -58,8 +65,21 @@ _KEYS = {
     "vocab": ("vocab_size",),
     "max_positions": ("max_position_embeddings", "n_positions", "seq_length"),
 }
-# transformers' per-family default for tie_word_embeddings when config.json omits it.
-_TIED_DEFAULT = {"gptj": False, "llama": False, "mistral": False, "qwen2": False}
+# transformers' per-family default for tie_word_embeddings when config.json omits it (as
+# save_pretrained does when the value is the default; transformers 4.57 config classes).
+_TIED_DEFAULT = {"gptj": False, "llama": False, "mistral": False, "qwen2": False, "qwen3": False,
+                 "phi3": False, "olmo2": False, "gemma": True, "gemma2": True, "gemma3_text": True,
+                 "smollm3": True}
+# transformers' per-family defaults for shape keys a config.json may omit, where they differ from
+# the generic fallbacks (head_dim = hidden // heads, kv heads = heads, 2048 positions).
+_FAMILY_DEFAULTS = {
+    "gemma": {"head_dim": 256, "n_kv_heads": 16, "max_positions": 8192},
+    "gemma2": {"head_dim": 256, "n_kv_heads": 4, "max_positions": 8192},
+    "gemma3_text": {"head_dim": 256, "n_kv_heads": 4, "max_positions": 131072},
+    "qwen3": {"head_dim": 128, "max_positions": 32768},
+    "smollm3": {"n_kv_heads": 4, "max_positions": 32768},
+    "phi3": {"max_positions": 4096},
+}
 
 
 def name_matches(layer: str, target: str) -> bool:
@@ -96,6 +116,8 @@ def linear_layers(shape: ModelShape) -> list[tuple[str, int, int]]:
         up, down = ARCHS[t].mlp
         return [("q_proj", h, q), ("k_proj", h, kv), ("v_proj", h, kv), ("out_proj", q, h),
                 (up, h, i), (down, i, h)]
+    if t == "phi3":  # fused: q, k, v in one projection, gate and up in another
+        return [("qkv_proj", h, q + 2 * kv), ("o_proj", q, h), ("gate_up_proj", h, 2 * i), ("down_proj", i, h)]
     return [("q_proj", h, q), ("k_proj", h, kv), ("v_proj", h, kv), ("o_proj", q, h),
             ("gate_proj", h, i), ("up_proj", h, i), ("down_proj", i, h)]
 
@@ -179,6 +201,63 @@ def _entries() -> list[tuple[tuple[str, ...], ModelShape]]:
         (("tinyllama", "tinyllama-1.1b"),
          _shape("TinyLlama/TinyLlama-1.1B-Chat-v1.0", c, "llama", 22, 2048, 32, 32000, 2048, False,
                 kv=4, inter=5632)),
+    ] + _qwen3_gemma_entries() + _phi_smollm_olmo_entries()
+
+
+def _qwen3_gemma_entries() -> list[tuple[tuple[str, ...], ModelShape]]:
+    """Qwen3, Gemma 2 and Gemma 3: each value as the model's config.json on the Hub has it.
+
+    Gemma 3 4B/12B are vision-language checkpoints (model_type ``gemma3``); their entries are the
+    language model (``text_config``, ``gemma3_text``), whose vocabulary is transformers' default
+    262208 (the Hub's text_config leaves it out); the text-only 1B has 262144.
+    """
+    c, qwen, g2, g3 = "catalog", 151936, 256000, 262208
+    return [
+        ((), _shape("Qwen/Qwen3-0.6B", c, "qwen3", 28, 1024, 16, qwen, 40960, True,
+                    kv=8, head_dim=128, inter=3072)),
+        ((), _shape("Qwen/Qwen3-1.7B", c, "qwen3", 28, 2048, 16, qwen, 40960, True,
+                    kv=8, head_dim=128, inter=6144)),
+        ((), _shape("Qwen/Qwen3-4B", c, "qwen3", 36, 2560, 32, qwen, 40960, True,
+                    kv=8, head_dim=128, inter=9728)),
+        ((), _shape("Qwen/Qwen3-8B", c, "qwen3", 36, 4096, 32, qwen, 40960, False,
+                    kv=8, head_dim=128, inter=12288)),
+        ((), _shape("Qwen/Qwen3-14B", c, "qwen3", 40, 5120, 40, qwen, 40960, False,
+                    kv=8, head_dim=128, inter=17408)),
+        (("gemma2-2b",), _shape("google/gemma-2-2b", c, "gemma2", 26, 2304, 8, g2, 8192, True,
+                                kv=4, head_dim=256, inter=9216)),
+        (("gemma2-9b",), _shape("google/gemma-2-9b", c, "gemma2", 42, 3584, 16, g2, 8192, True,
+                                kv=8, head_dim=256, inter=14336)),
+        (("gemma-3-1b", "gemma3-1b"),
+         _shape("google/gemma-3-1b-pt", c, "gemma3_text", 26, 1152, 4, 262144, 32768, True,
+                kv=1, head_dim=256, inter=6912)),
+        (("gemma-3-4b", "gemma3-4b"),
+         _shape("google/gemma-3-4b-pt", c, "gemma3_text", 34, 2560, 8, g3, 131072, True,
+                kv=4, head_dim=256, inter=10240)),
+        (("gemma-3-12b", "gemma3-12b"),
+         _shape("google/gemma-3-12b-pt", c, "gemma3_text", 48, 3840, 16, g3, 131072, True,
+                kv=8, head_dim=256, inter=15360)),
+    ]
+
+
+def _phi_smollm_olmo_entries() -> list[tuple[tuple[str, ...], ModelShape]]:
+    """Phi-3/Phi-4-mini (fused projections), SmolLM3 and OLMo 2, as their config.json has them."""
+    c, phi3 = "catalog", 32064
+    return [
+        (("phi-3-mini", "phi-3-mini-4k"),
+         _shape("microsoft/Phi-3-mini-4k-instruct", c, "phi3", 32, 3072, 32, phi3, 4096, False,
+                inter=8192)),
+        # Phi-3.5-mini has the 128k model's shape (3,821,079,552 parameters both).
+        (("phi-3-mini-128k", "phi-3.5-mini"),
+         _shape("microsoft/Phi-3-mini-128k-instruct", c, "phi3", 32, 3072, 32, phi3, 131072, False,
+                inter=8192)),
+        (("phi-4-mini",), _shape("microsoft/Phi-4-mini-instruct", c, "phi3", 32, 3072, 24, 200064, 131072,
+                                 True, kv=8, inter=8192)),
+        (("smollm3",), _shape("HuggingFaceTB/SmolLM3-3B", c, "smollm3", 36, 2048, 16, 128256, 65536, True,
+                              kv=4, inter=11008)),
+        (("olmo-2-1b", "olmo2-1b"),
+         _shape("allenai/OLMo-2-0425-1B", c, "olmo2", 16, 2048, 16, 100352, 4096, False, inter=8192)),
+        (("olmo-2-7b", "olmo2-7b"),
+         _shape("allenai/OLMo-2-1124-7B", c, "olmo2", 32, 4096, 32, 100352, 4096, False, inter=11008)),
     ]
 
 
@@ -245,6 +324,9 @@ def from_config(config: dict, name: str) -> ModelShape:
             f"({', '.join(sorted(ARCHS))}); pass --model-params with its size instead"
         )
     values = {f: _get(config, f) for f in _KEYS}
+    for field, default in _FAMILY_DEFAULTS.get(model_type, {}).items():
+        if values[field] is None:
+            values[field] = default
     missing = [f for f in ("n_layers", "hidden", "n_heads", "vocab") if values[f] is None]
     if missing:
         raise AdviceError(f"{name}: config.json lacks {', '.join(missing)}")
