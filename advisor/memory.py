@@ -45,6 +45,7 @@ class Setup(NamedTuple):
     attention: str = "auto"  # "auto": flash where the Llama port picks it (GPU, bf16); "explicit": T^2 scores
     scan: bool | None = None  # layers as one scan; None: as `lora train` loads them (the port scans, others don't)
     device: str = "gpu"  # "cpu": XLA:CPU (benchmarks/memory_check.py), which has no flash and no relayout copy
+    packing: bool = False  # lora train --packing: packed rows take explicit T^2 scores, also on GPUs (no flash)
 
 
 def trainable_params(shape: ModelShape, r: int, targets: tuple[str, ...]) -> int:
@@ -104,10 +105,14 @@ def fused_attention(shape: ModelShape, precision: str) -> bool:
 
 def uses_flash(shape: ModelShape, s: Setup) -> bool:
     """Whether this setup trains with flash attention: ``fused_attention``, on a GPU, unless
-    explicit scores were asked for (``LORA_ATTENTION=xla``)."""
+    explicit scores were asked for (``LORA_ATTENTION=xla``) or rows are packed: the port confines
+    a packed row's attention to each example with explicit segment-masked scores on every backend
+    (jax has no maintained segment-aware flash kernel; ``flax_lora.models.llama._fused_attention``).
+    A packed row is otherwise a full ``max_length`` row, which every other term already assumes.
+    """
     if s.attention not in ("auto", "explicit") or s.device not in ("gpu", "cpu"):
         raise ValueError(f"attention must be 'auto' or 'explicit', device 'gpu' or 'cpu': {s.attention!r}, {s.device!r}")
-    return s.attention == "auto" and s.device == "gpu" and fused_attention(shape, s.precision)
+    return s.attention == "auto" and s.device == "gpu" and not s.packing and fused_attention(shape, s.precision)
 
 
 def attention_bytes_per_token(shape: ModelShape, max_length: int, precision: str, flash: bool | None = None) -> float:

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 from pydantic import ValidationError
 
@@ -157,7 +158,8 @@ def setup_of(ctx: Context, batch: int, quant: str | None = None, *, length: int 
     """The memory model's Setup for ``ctx``'s choices at ``batch``, with any of them overridden."""
     return Setup(ctx.r if rank is None else rank, ctx.targets, batch,
                  ctx.max_length if length is None else length, ctx.precision,
-                 ctx.quantization if quant is None else quant, remat=ctx.remat if remat is None else remat)
+                 ctx.quantization if quant is None else quant, remat=ctx.remat if remat is None else remat,
+                 packing=packing_choice(ctx)[0])
 
 
 def need_gb(ctx: Context, batch: int, quant: str | None = None, **overrides) -> float:
@@ -498,11 +500,16 @@ def rule_epochs(ctx: Context) -> Decision:
 
 
 def rule_total_steps(ctx: Context) -> Decision:
-    """Optimizer steps: ceil(samples / effective batch) per epoch, times the epochs."""
-    steps_per_epoch = math.ceil(ctx.samples / ctx.effective)
+    """Optimizer steps: ceil(samples / effective batch) per epoch, times the epochs; with packing
+    (:func:`packing_choice`) the rows are the packed rows (:func:`packed_rows`)."""
+    rows, unit = ctx.samples, "samples"
+    if packing_choice(ctx)[0]:
+        rows, how = packed_rows(ctx) if ctx.lengths else (ctx.samples, "")
+        unit = f"packed rows ({how})" if ctx.lengths else "samples (packed: fewer rows, unknown without --data)"
+    steps_per_epoch = math.ceil(rows / ctx.effective)
     total = steps_per_epoch * ctx.epochs
     return decide("total_steps", "training.total_steps", total,
-                  f"ceil({ctx.samples} samples / {ctx.effective}) x {ctx.epochs} epochs = {steps_per_epoch} x {ctx.epochs}")
+                  f"ceil({rows} {unit} / {ctx.effective}) x {ctx.epochs} epochs = {steps_per_epoch} x {ctx.epochs}")
 
 
 def rule_schedule(ctx: Context) -> Decision:
@@ -533,13 +540,94 @@ def rule_regularization(ctx: Context) -> Decision:
                "clip at 1.0 (the guide's 'NaN values' sign of a too-high rate; a common LoRA default)")))
 
 
+PACKING_MEDIAN_FRACTION = 0.25  # advise packing when the median example is under this share of max_length
+# Packed rows are estimated at this mean fill: first fit on shuffled short examples fills 94-99% of
+# each row (log-normal lengths around 30-200 tokens into 256-2048, 200-5000 examples; simulated
+# with flax_lora.data.batch.first_fit), so 0.95 errs slightly towards more steps.
+PACKING_FILL = 0.95
+
+
+class _Examples(NamedTuple):
+    count: int
+    median: int
+    tokens: int
+    over_half: int  # examples longer than half a row: none of them shares a row with another
+
+
+@lru_cache(maxsize=4)
+def _example_facts(lengths: tuple[int, ...], max_length: int, corpus: bool) -> _Examples:
+    """The examples the trainer builds at ``max_length`` from rows of ``lengths`` tokens (a row cut
+    to it, a text document in windows overlapping by one token, as ``advisor.examples.fit``).
+    Cached: the memory rules ask :func:`packing_choice` many times."""
+    out = []
+    for n in lengths:
+        if n <= max_length or not corpus:
+            out.append(min(n, max_length))
+            continue
+        c = math.ceil((n - 1) / (max_length - 1))
+        out += [max_length] * (c - 1) + [n - (c - 1) * (max_length - 1)]
+    return _Examples(len(out), data_stats.percentile(out, 50), sum(out), sum(1 for n in out if 2 * n > max_length))
+
+
+def _examples_of(ctx: Context) -> _Examples:
+    corpus = ctx.measured is not None and ctx.measured.fmt.kind == "text"
+    return _example_facts(tuple(ctx.lengths), ctx.max_length, corpus)
+
+
+def packed_rows(ctx: Context) -> tuple[int, str]:
+    """(rows, how) the data file's examples pack into: their tokens over ``max_length`` rows filled
+    to :data:`PACKING_FILL`, and at least one row per example longer than half a row. A given
+    ``samples`` wins over the file's count: the file's lengths are then scaled to it."""
+    ex = _examples_of(ctx)
+    scale = ctx.samples / ex.count if ctx.request.samples is not None else 1.0
+    tokens, over_half = ex.tokens * scale, ex.over_half * scale
+    rows = max(math.ceil(tokens / (ctx.max_length * PACKING_FILL)), math.ceil(over_half), 1)
+    fill = f"in rows of {ctx.max_length} at {PACKING_FILL:.0%} fill"
+    if scale == 1.0:
+        return rows, f"{ex.count} examples, {ex.tokens} tokens {fill}"
+    return rows, f"{ctx.samples} samples of the data file's {ex.tokens / ex.count:.0f} tokens on average {fill}"
+
+
+def packing_choice(ctx: Context) -> tuple[bool, str]:
+    """(packing, why): given; else on for a model known to be of the Llama-family port (a catalog
+    entry or a config.json: an assumed shape could be trained on a family that cannot pack) when
+    the data file's median example is under :data:`PACKING_MEDIAN_FRACTION` of max_length (below
+    a quarter, unpacked rows are mostly padding and a packed row holds four or more examples).
+    Not in the guide.
+
+    Pure, so the memory rules (explicit attention scores with packing) and the step count ask it
+    before :func:`rule_packing` reports it.
+    """
+    req, model_type = ctx.request, ctx.shape.model_type
+    able = model_type in memory.PORT_TYPES
+    unable = f"not available for model type {model_type} (transformers' Flax class takes no segment ids)"
+    if req.packing and not able:
+        return False, f"asked for, but {unable}"
+    if req.packing is not None:
+        return req.packing, "given"
+    if not able:
+        return False, f"off: {unable} (not in the guide)"
+    if ctx.shape.source not in ("catalog", "config"):
+        return False, f"off: the model is not known ({ctx.shape.source} shape): pass --model (not in the guide)"
+    if not ctx.lengths:
+        return False, "off: no data file to measure (--data); one example per row (not in the guide)"
+    ex = _examples_of(ctx)
+    share = f"the median example is {ex.median} tokens, {ex.median / ctx.max_length:.0%} of max_length {ctx.max_length}"
+    if ex.median >= PACKING_MEDIAN_FRACTION * ctx.max_length:
+        return False, (f"off: {share}, not under {PACKING_MEDIAN_FRACTION:.0%}: little padding to save "
+                       "(not in the guide)")
+    rows, _ = packed_rows(ctx)
+    return True, (f"{share}: several examples per row, attention confined to each, train the same tokens in "
+                  f"~{rows} rows instead of {ex.count}; attention scores are explicit with packing "
+                  "(counted in the memory estimate) (not in the guide)")
+
+
 def rule_packing(ctx: Context) -> Decision:
-    """Sample packing (not in the guide): as asked; off unless asked (the trainer's --packing)."""
-    req = ctx.request
-    given = getattr(req, "packing", None)
-    if given is not None:
-        return decide("packing", "training.packing", bool(given), "given")
-    return decide("packing", "training.packing", False, "off: one example per row (not in the guide)")
+    """Sample packing (not in the guide, the trainer's --packing): :func:`packing_choice`, with a
+    warning when it was asked for a family that cannot (``lora train --packing`` refuses it)."""
+    packing, why = packing_choice(ctx)
+    warnings = [f"packing {why}: lora train --packing would refuse it"] if why.startswith("asked") else []
+    return decide("packing", "training.packing", packing, why, warnings)
 
 
 # --------------------------------------------------------------------------- memory and data summary

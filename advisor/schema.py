@@ -32,7 +32,7 @@ Style = Literal["conservative", "standard", "aggressive"]
 RecipeName = Literal["quick", "balanced", "max-quality", "memory-constrained"]
 Schedule = Literal["constant", "linear", "cosine"]
 Precision = Literal["bf16", "fp32"]
-Quantization = Literal["none", "int8"]
+Quantization = Literal["none", "int8", "nf4", "nf4-dq"]  # nf4: QLoRA's NormalFloat-4 (not in the guide)
 TargetPreset = Literal["attention-qv", "attention", "attention-mlp"]
 # What the trainer does with a data row it cannot use, and with a non-finite loss.
 RowPolicy = Literal["skip", "fail"]
@@ -81,6 +81,7 @@ class AdviceRequest(_Strict):
     quantization: Quantization | None = None
     precision: Precision | None = None
     gradient_checkpointing: bool | None = None  # None: only when batch 1 does not fit without it
+    packing: bool | None = None  # None: when the data is short for max_length and the model can (advisor.rules)
 
     @field_validator("model_params", mode="before")
     @classmethod

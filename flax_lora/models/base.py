@@ -10,7 +10,15 @@ import jax
 import jax.numpy as jnp
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from flax_lora.errors import UserError
 from flax_lora.models.stacking import stack_layers, unstack_layers
+
+PACKED_KEYS = ("segment_ids", "position_ids")  # what a packed batch adds (flax_lora.data.batch.collate_packed)
+
+
+def packed_inputs(batch) -> dict:
+    """The packed batch's ``segment_ids`` and ``position_ids`` as int32 (empty for an unpacked batch)."""
+    return {k: batch[k].astype(jnp.int32) for k in PACKED_KEYS if k in batch}
 
 
 def param_shapes(module) -> dict:
@@ -27,6 +35,10 @@ class CausalLM:
     position ids are derived from the mask (right padding), families without them (BLOOM)
     get none. ``variables`` is ``{"params": ..., "lora": ...}``; run it inside
     ``flax_lora.lora.lora_active`` for the adapter to take effect.
+
+    Packed rows (several examples per row, ``lora train --packing``) need a module whose call
+    takes ``segment_ids`` (the Llama-family port); transformers' Flax classes take only a
+    [B, T] padding mask, so they cannot keep one example's attention off another's.
     """
 
     module: Any  # flax.linen.Module
@@ -37,14 +49,35 @@ class CausalLM:
     dtype: Any = jnp.float32  # compute dtype of the frozen weights and matmuls
     layers_stacked: bool = False  # params (and adapters) hold the decoder layers stacked [L, ...] (scan)
     takes_position_ids: bool = field(init=False)
+    takes_segment_ids: bool = field(init=False)  # can train packed rows (attention confined per example)
 
     def __post_init__(self):
-        self.takes_position_ids = "position_ids" in inspect.signature(type(self.module).__call__).parameters
+        params = inspect.signature(type(self.module).__call__).parameters
+        self.takes_position_ids = "position_ids" in params
+        self.takes_segment_ids = "segment_ids" in params
 
-    def logits(self, variables, input_ids, attention_mask, *, rngs=None) -> jax.Array:
-        """Logits [B, T, V] (the model's dtype) for right-padded ``input_ids`` [B, T]."""
+    def check_packing(self, packing: bool) -> bool:
+        """``packing``, or a one-line UserError when it is asked for and this family cannot do it."""
+        if packing and not self.takes_segment_ids:
+            raise UserError(f"--packing needs the Llama-family port (llama, mistral, qwen2); {self.model_type} runs "
+                            "on transformers' Flax class, which cannot confine attention to each packed example")
+        return packing
+
+    def logits(self, variables, input_ids, attention_mask, *, rngs=None, segment_ids=None,
+               position_ids=None) -> jax.Array:
+        """Logits [B, T, V] (the model's dtype) for right-padded ``input_ids`` [B, T].
+
+        Packed rows: ``segment_ids`` [B, T] (1, 2, ... per example, 0 on padding) confine
+        attention to each example, ``position_ids`` restart at 0 for each (both from
+        :func:`packed_inputs`).
+        """
         kwargs = {}
-        if self.takes_position_ids:
+        if segment_ids is not None:
+            self.check_packing(True)
+            kwargs["segment_ids"] = segment_ids.astype(jnp.int32)
+        if position_ids is not None and self.takes_position_ids:
+            kwargs["position_ids"] = position_ids.astype(jnp.int32)
+        elif self.takes_position_ids:
             kwargs["position_ids"] = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0).astype(jnp.int32)
         out = self.module.apply(
             variables,

@@ -24,6 +24,11 @@ Mistral/Qwen2 sliding-window attention is applied (windows may differ per layer 
 ``scan=True``). RoPE types: default, linear, dynamic (stateless: uses this call's largest
 position, where PyTorch keeps grown frequencies until a short input resets them), llama3.
 Attention dropout is not implemented (0 in every supported checkpoint).
+
+Packed rows (``lora train --packing``): ``segment_ids`` [B, T] (1, 2, ... per example, 0 on
+padding) confine attention to each example (causal within it, nothing across) and the caller's
+``position_ids`` restart at 0 for each, so every example gets the logits it gets alone in a row.
+Packed rows always take the explicit-score path (see :func:`_fused_attention`).
 """
 
 from __future__ import annotations
@@ -129,6 +134,16 @@ def _fused_attention(dtype, head_dim: int) -> str | None:
     bf16/fp16 where cuDNN supports the head size, explicit scores elsewhere: flash attention
     never materialises the [B, H, T, T] scores, so it is both faster and far smaller on GPUs
     (measured figures: benchmarks/RESULTS.md, "GPU").
+
+    Packed rows (``segment_ids``) never take this kernel: they use explicit scores with the
+    segment mask on every backend, GPUs included, so on a GPU packing gives up flash attention
+    (the advisor's memory model counts the [B, H, T, T] scores then). jax 0.10.2 has no
+    maintained segment-aware fused kernel: ``jax.nn.dot_product_attention`` takes one
+    ``query_seq_lengths``/``key_value_seq_lengths`` per row (right padding, not several
+    examples), cuDNN's packed layout (``q_offsets``/``kv_offsets``) is only reachable through
+    the private ``jax._src.cudnn.fused_attention_stablehlo`` and needs Hopper, and Pallas'
+    ``jax.experimental.pallas.ops.gpu.attention.mha`` (``segment_ids``) is an example kernel
+    without grouped-query heads. None of them could be run here (no GPU), so none is used.
     """
     impl = os.environ.get("LORA_ATTENTION")
     if impl is not None:
@@ -181,6 +196,21 @@ def _dense(features, bias, dtype, param_dtype, config, name):
     )
 
 
+def _allowed(t: int, s: int, offset, window: int | None, attention_mask, segment_ids) -> jax.Array:
+    """Which keys each query sees, broadcastable to the scores [B, KV, G, T, S]: causal (from
+    ``offset``, the cache position), within ``window``, not padding, and, for packed rows
+    (``segment_ids`` [B, T]), only keys of the query's own example."""
+    q_idx = offset + jnp.arange(t)[:, None]
+    k_idx = jnp.arange(s)[None, :]
+    allowed = k_idx <= q_idx
+    if window is not None:
+        allowed &= k_idx > q_idx - window
+    if segment_ids is None:
+        return allowed[None, None, None] & (attention_mask[:, None, None, None, :s] > 0)
+    same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0)
+    return allowed[None, None, None] & same[:, None, None]
+
+
 class Attention(nn.Module):
     config: Any
     dtype: Any = jnp.float32
@@ -189,7 +219,7 @@ class Attention(nn.Module):
     init_cache: bool = False
 
     @nn.compact
-    def __call__(self, x, attention_mask, cos, sin):
+    def __call__(self, x, attention_mask, cos, sin, segment_ids=None):
         cfg = self.config
         nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, head_dim(cfg)
         b, t, _ = x.shape
@@ -201,8 +231,10 @@ class Attention(nn.Module):
         k = _rotate(k, cos, sin).astype(self.dtype)
 
         cached = self.has_variable("cache", "cached_key") or self.init_cache
+        if cached and segment_ids is not None:
+            raise ValueError("packed rows (segment_ids) are for training; the KV cache takes one sequence per row")
         impl = _fused_attention(self.dtype, hd)
-        if impl and not cached and self.window is None:
+        if impl and not cached and self.window is None and segment_ids is None:
             # fused (flash) attention, e.g. cuDNN on GPUs: no [B, H, T, T] scores in memory.
             # Right padding (the trainer's): key_value_seq_lengths masks the padded keys.
             lengths = jnp.sum(attention_mask > 0, axis=-1).astype(jnp.int32)
@@ -213,13 +245,7 @@ class Attention(nn.Module):
         offset = jnp.zeros((), jnp.int32)
         if cached:
             k, v, offset = self._update_cache(k, v)
-        s = k.shape[1]
-        q_idx = offset + jnp.arange(t)[:, None]
-        k_idx = jnp.arange(s)[None, :]
-        allowed = k_idx <= q_idx
-        if self.window is not None:
-            allowed &= k_idx > q_idx - self.window
-        allowed = allowed[None, None, None] & (attention_mask[:, None, None, None, :s] > 0)
+        allowed = _allowed(t, k.shape[1], offset, self.window, attention_mask, segment_ids)
 
         g = nh // nkv
         q = q.reshape(b, t, nkv, g, hd)
@@ -275,19 +301,19 @@ class DecoderLayer(nn.Module):
     init_cache: bool = False
 
     @nn.compact
-    def __call__(self, x, attention_mask, cos, sin):
+    def __call__(self, x, attention_mask, cos, sin, segment_ids=None):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = RMSNorm(cfg.rms_norm_eps, name="input_layernorm", **kw)(x)
         x = x + Attention(cfg, window=self.window, init_cache=self.init_cache, name="self_attn", **kw)(
-            h, attention_mask, cos, sin
+            h, attention_mask, cos, sin, segment_ids
         )
         h = RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
         return x + MLP(cfg, name="mlp", **kw)(h)
 
 
 class _ScanLayer(DecoderLayer):
-    def __call__(self, x, attention_mask, cos, sin):  # noqa: D102 - (carry, per-step output) for nn.scan
-        return super().__call__(x, attention_mask, cos, sin), None
+    def __call__(self, x, attention_mask, cos, sin, segment_ids=None):  # noqa: D102 - (carry, output) for nn.scan
+        return super().__call__(x, attention_mask, cos, sin, segment_ids), None
 
 
 class LayerCollection(nn.Module):
@@ -299,7 +325,7 @@ class LayerCollection(nn.Module):
     init_cache: bool = False
 
     @nn.compact
-    def __call__(self, x, attention_mask, cos, sin, output_hidden_states: bool = False):
+    def __call__(self, x, attention_mask, cos, sin, output_hidden_states: bool = False, segment_ids=None):
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, init_cache=self.init_cache)
         windows = layer_windows(cfg)
@@ -312,16 +338,18 @@ class LayerCollection(nn.Module):
                 cls,
                 variable_axes={"params": 0, "lora": 0, "cache": 0},
                 split_rngs={"params": True, "lora_dropout": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                in_axes=(nn.broadcast,) * (3 if segment_ids is None else 4),
                 length=cfg.num_hidden_layers,
             )
-            x, _ = stack(cfg, window=windows[0], name=STACK, **kw)(x, attention_mask, cos, sin)
+            extra = () if segment_ids is None else (segment_ids,)
+            x, _ = stack(cfg, window=windows[0], name=STACK, **kw)(x, attention_mask, cos, sin, *extra)
             return x, hidden
         cls = nn.remat(DecoderLayer) if self.remat else DecoderLayer
         for i in range(cfg.num_hidden_layers):
             if output_hidden_states:
                 hidden.append(x)
-            x = cls(cfg, window=windows[i], name=str(i), **kw)(x, attention_mask, cos, sin)
+            extra = () if segment_ids is None else (segment_ids,)
+            x = cls(cfg, window=windows[i], name=str(i), **kw)(x, attention_mask, cos, sin, *extra)
         return x, hidden
 
 
@@ -329,6 +357,8 @@ class LlamaForCausalLM(nn.Module):
     """Causal LM with HF FlaxLlamaForCausalLM's call signature and output (``.logits`` [B,T,V] fp32).
 
     ``dtype`` is the compute dtype, ``param_dtype`` the dtype of freshly initialised params.
+    ``segment_ids`` (an addition to HF's signature) marks packed rows' examples, see the module
+    docstring; pass ``position_ids`` restarting per example with them.
     """
 
     config: Any
@@ -348,6 +378,7 @@ class LlamaForCausalLM(nn.Module):
         output_attentions: bool = False,
         output_hidden_states: bool = False,
         return_dict: bool = True,
+        segment_ids=None,
     ):
         from transformers.modeling_flax_outputs import FlaxCausalLMOutput
 
@@ -358,7 +389,7 @@ class LlamaForCausalLM(nn.Module):
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(t)[None], (b, t))
         model = _Backbone(cfg, self.dtype, self.param_dtype, self.scan, self.remat, init_cache, name="model")
-        x, hidden, emb = model(input_ids, attention_mask, position_ids, output_hidden_states)
+        x, hidden, emb = model(input_ids, attention_mask, position_ids, output_hidden_states, segment_ids)
         if getattr(cfg, "tie_word_embeddings", False):
             logits = jnp.einsum("bth,vh->btv", x, emb.astype(self.dtype), preferred_element_type=jnp.float32)
         else:
@@ -381,7 +412,7 @@ class _Backbone(nn.Module):
     init_cache: bool = False
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask, position_ids, output_hidden_states=False):
+    def __call__(self, input_ids, attention_mask, position_ids, output_hidden_states=False, segment_ids=None):
         cfg = self.config
         embed = nn.Embed(
             cfg.vocab_size,
@@ -396,7 +427,7 @@ class _Backbone(nn.Module):
         layers = LayerCollection(
             cfg, self.dtype, self.param_dtype, self.scan, self.remat, self.init_cache, name="layers"
         )
-        x, hidden = layers(x, attention_mask, cos, sin, output_hidden_states)
+        x, hidden = layers(x, attention_mask, cos, sin, output_hidden_states, segment_ids)
         x = RMSNorm(cfg.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(x)
         return x, hidden, embed.embedding
 

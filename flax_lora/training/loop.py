@@ -326,7 +326,8 @@ def _place(cfg: RunConfig, rd: RunDir, s: Setup, resuming: bool, signals: Signal
         say(f"lora: the frozen weights take over half of a device's memory: splitting them over the {n_dev} devices")
     dp = DataParallel(shard_frozen=shard) if n_dev > 1 else None
     global_batch = cfg.batch_size * n_dev
-    batches = Batches(s.train_examples, global_batch, cfg.grad_accum, cfg.seed, cfg.max_length, s.tokenizer.pad_id)
+    batches = Batches(s.train_examples, global_batch, cfg.grad_accum, cfg.seed, cfg.max_length, s.tokenizer.pad_id,
+                      packing=s.model.check_packing(cfg.packing))  # --packing with a family that cannot: UserError
     rows = slice(pid * global_batch // nproc, (pid + 1) * global_batch // nproc)  # this process's rows
     lora0 = s.init_lora if s.init_lora is not None else s.model.stack_lora(
         init_lora(s.targets, cfg.r, jax.random.PRNGKey(cfg.seed)))

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from flax_lora.models.base import packed_inputs
 from flax_lora.models.llama import LlamaForCausalLM
 
 # LORA_FUSED_LOSS=0 turns the fused path off (A/B benchmarks); read at trace time.
@@ -208,16 +209,24 @@ def fused_head(model, lora) -> tuple[str, bool] | None:
 
 
 def model_token_nll(model, variables, batch, *, rngs=None, chunk: int | None = None):
-    """(summed NLL, target count) of ``model`` on ``batch``: fused when possible, else via logits."""
+    """(summed NLL, target count) of ``model`` on ``batch``: fused when possible, else via logits.
+
+    A packed batch (``segment_ids``, ``position_ids``: :func:`flax_lora.models.base.packed_inputs`)
+    is passed on to the model, which confines attention to each example; the loss itself needs
+    nothing more, since each packed example's first token already has loss mask 0.
+    """
+    packed = packed_inputs(batch)
     head = fused_head(model, variables.get("lora"))
     if head is None:
-        logits = model.logits(variables, batch["input_ids"], batch["attention_mask"], rngs=rngs)
+        logits = model.logits(variables, batch["input_ids"], batch["attention_mask"], rngs=rngs, **packed)
         return token_nll(logits, batch["input_ids"], batch["loss_mask"])
     ids, mask = batch["input_ids"].astype(jnp.int32), batch["attention_mask"].astype(jnp.int32)
-    pos = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0).astype(jnp.int32)
+    pos = packed.pop("position_ids", None)
+    if pos is None:
+        pos = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0).astype(jnp.int32)
     # the logits output is unused and removed by XLA; hidden_states[-1] is the final-norm output
     _, hidden = model.module.apply(variables, ids, mask, position_ids=pos, deterministic=True,
-                                   output_hidden_states=True, return_dict=False, rngs=rngs)
+                                   output_hidden_states=True, return_dict=False, rngs=rngs, **packed)
     params = variables["params"]
     weight = params["model"]["embed_tokens"]["embedding"] if head[0] == "embed" else params["lm_head"]["kernel"]
     return fused_token_nll(hidden[-1], weight, ids, batch["loss_mask"], vocab_major=head[1], chunk=chunk)

@@ -8,7 +8,10 @@ Loss: token-weighted cross-entropy in float32 over the target tokens only (``los
 marks them; prompt and padding are 0). Gradient accumulation runs *inside* the step as a
 ``lax.scan`` over ``k`` micro-batches (batch arrays ``[k, b, T]``); each micro-batch's
 summed loss is divided by the target-token count of the whole ``[k, b, T]`` batch, so ``k``
-accumulated micro-batches give the same update as one ``k``-times larger batch.
+accumulated micro-batches give the same update as one ``k``-times larger batch. A packed batch
+(``lora train --packing``: several examples per row, with ``segment_ids`` and ``position_ids``)
+runs through the same step: the model confines attention to each example and each example's first
+token has loss mask 0, so the loss and its normalisation equal the unpacked batch's.
 
 Why scan and not ``optax.MultiSteps`` (speed is a tie on CPU; figures in
 ``benchmarks/RESULTS.md``): one dispatch and one executable per update (no per-micro-batch host
