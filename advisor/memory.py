@@ -25,8 +25,15 @@ RUNTIME_FIXED_GB = 0.75  # CUDA/XLA context, cuBLAS workspaces, compiled program
 RUNTIME_FRACTION = 0.10  # allocator fragmentation and XLA temporaries, of everything else
 INT8_SCALE_BYTES = 4  # one fp32 scale per output row of each quantized linear (LLM.int8 style)
 ADAM_STATES = 2  # AdamW keeps m and v, fp32
-FUSED_LOSS_TYPES = ("llama", "mistral", "qwen2")  # trained through the project's port (chunked loss)
-PORT_TYPES = FUSED_LOSS_TYPES  # the project's Llama-family port (flax_lora.models.llama); others: transformers' Flax
+# trained through the project's decoder port (flax_lora.models.decoder: chunked loss, scan, remat);
+# the other families through transformers' Flax classes (tested to agree with the port's list)
+PORT_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "smollm3", "olmo2")
+FUSED_LOSS_TYPES = PORT_TYPES
+SOFTCAPPED_ATTENTION = ("gemma2",)  # tanh-capped scores: no fused kernel takes them, one more T^2 buffer
+NORM_EXTRAS = {  # per-token elements more than Llama's layer saves: Gemma's two extra norms, q/k norms
+    "gemma2": lambda q, kv, h: 2 * h, "gemma3_text": lambda q, kv, h: 2 * h + q + kv,
+    "qwen3": lambda q, kv, h: q + kv, "olmo2": lambda q, kv, h: q + kv}
+NF4_BYTES = {"nf4": 0.5 + 4 / 64, "nf4-dq": 0.5 + 1 / 64 + 4 / (64 * 256)}  # per weight, scales included
 # softmax in float32 with bf16 weights: the port, and transformers' Flax BLOOM and Gemma (attention_softmax_in_fp32)
 FP32_SOFTMAX_TYPES = PORT_TYPES + ("bloom", "gemma")
 FUSED_CHUNK_BYTES = 128 * 2**20  # flax_lora.training.losses.TARGET_CHUNK_BYTES (tested to agree)
@@ -56,18 +63,23 @@ def trainable_params(shape: ModelShape, r: int, targets: tuple[str, ...]) -> int
 
 
 def frozen_weight_bytes(shape: ModelShape, precision: str, quantization: str) -> float:
-    """Frozen base weights: all in the compute dtype, or int8 decoder linears + their scales.
+    """Frozen base weights: all in the compute dtype, or quantized decoder linears + their scales.
 
-    int8 (as ``load_in_8bit``) quantizes only the decoder linears; embeddings, head and
-    position tables stay in the compute dtype.
+    int8 (as ``load_in_8bit``: a byte per weight, an fp32 scale per output row) and nf4 / nf4-dq
+    (QLoRA: 4 bits per weight, an fp32 absmax per 64 weights, or 8-bit absmaxes in blocks of 256)
+    quantize only the decoder linears; embeddings, head and position tables stay in the compute
+    dtype (``flax_lora.quant``, ``flax_lora.nf4``).
     """
     dtype = BYTES[precision]
-    if quantization != "int8":
+    if quantization == "none":
         return shape.params * dtype
     linears = linear_layers(shape)
     q_params = shape.n_layers * sum(i * o for _, i, o in linears)
-    scales = shape.n_layers * sum(o for _, _, o in linears) * INT8_SCALE_BYTES
-    return q_params * 1 + scales + (shape.params - q_params) * dtype
+    if quantization == "int8":
+        quantized = q_params * 1 + shape.n_layers * sum(o for _, _, o in linears) * INT8_SCALE_BYTES
+    else:
+        quantized = q_params * NF4_BYTES[quantization]
+    return quantized + (shape.params - q_params) * dtype
 
 
 def activation_elements_per_token(shape: ModelShape, r: int, n_targets: int) -> int:
@@ -81,7 +93,8 @@ def activation_elements_per_token(shape: ModelShape, r: int, n_targets: int) -> 
     q, kv = shape.n_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim
     gated = ARCHS[shape.model_type].gated_mlp
     mlp = (2 if not gated or shape.model_type in PORT_TYPES else 3) * shape.intermediate
-    return 4 * shape.hidden + q + 2 * kv + mlp + r * n_targets
+    extra = NORM_EXTRAS.get(shape.model_type, lambda q, kv, h: 0)(q, kv, shape.hidden)
+    return 4 * shape.hidden + q + 2 * kv + mlp + r * n_targets + extra
 
 
 def quadratic_crossover(shape: ModelShape, r: int = 8, n_targets: int = 4, precision: str = "bf16",
@@ -96,18 +109,19 @@ def quadratic_crossover(shape: ModelShape, r: int = 8, n_targets: int = 4, preci
 
 
 def fused_attention(shape: ModelShape, precision: str) -> bool:
-    """Whether training uses flash attention (no T² scores): the project's Llama-family port
-    picks cuDNN's fused kernel on GPUs in bf16 for head sizes cuDNN takes
-    (``flax_lora.models.llama._fused_attention``); other families materialise the scores."""
-    return (shape.model_type in FUSED_LOSS_TYPES and precision == "bf16"
-            and shape.head_dim % 8 == 0 and shape.head_dim <= 128)
+    """Whether training uses flash attention (no T² scores): the project's decoder port picks
+    cuDNN's fused kernel on GPUs in bf16 for head sizes cuDNN takes
+    (``flax_lora.models.decoder._fused_attention``), except for soft-capped scores (Gemma 2); other
+    families materialise the scores."""
+    return (shape.model_type in FUSED_LOSS_TYPES and shape.model_type not in SOFTCAPPED_ATTENTION
+            and precision == "bf16" and shape.head_dim % 8 == 0 and shape.head_dim <= 128)
 
 
 def uses_flash(shape: ModelShape, s: Setup) -> bool:
     """Whether this setup trains with flash attention: ``fused_attention``, on a GPU, unless
     explicit scores were asked for (``LORA_ATTENTION=xla``) or rows are packed: the port confines
     a packed row's attention to each example with explicit segment-masked scores on every backend
-    (jax has no maintained segment-aware flash kernel; ``flax_lora.models.llama._fused_attention``).
+    (jax has no maintained segment-aware flash kernel; ``flax_lora.models.decoder._fused_attention``).
     A packed row is otherwise a full ``max_length`` row, which every other term already assumes.
     """
     if s.attention not in ("auto", "explicit") or s.device not in ("gpu", "cpu"):
@@ -129,7 +143,8 @@ def attention_bytes_per_token(shape: ModelShape, max_length: int, precision: str
     if fused_attention(shape, precision) if flash is None else flash:
         return shape.n_heads * 4.0
     softmax = 4 if shape.model_type in FP32_SOFTMAX_TYPES else BYTES[precision]
-    return shape.n_heads * max_length * (softmax + BYTES[precision])
+    capped = 4 if shape.model_type in SOFTCAPPED_ATTENTION else 0  # the float32 scores before tanh
+    return shape.n_heads * max_length * (softmax + BYTES[precision] + capped)
 
 
 def scan_relayout_bytes_per_token(shape: ModelShape, s: Setup) -> float:
@@ -214,7 +229,8 @@ def estimate(shape: ModelShape, s: Setup, vram_gb: float) -> MemoryEstimate:
         assumptions=(
             f"model shape: {shape.name} ({shape.source})",
             "GB = GiB (2^30 bytes), per GPU, as nvidia-smi reports",
-            f"frozen weights in {s.precision}" + (" with int8 decoder linears" if s.quantization == "int8" else "")
+            f"frozen weights in {s.precision}" + (f" with {s.quantization} decoder linears"
+                                                  if s.quantization != "none" else "")
             + "; LoRA params, gradients and AdamW m/v in fp32",
             ("gradient checkpointing per layer" if s.remat else "no gradient checkpointing")
             + ("; flash attention (cuDNN, GPU bf16): no T^2 attention scores"

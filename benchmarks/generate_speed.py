@@ -38,7 +38,7 @@ def main() -> None:
 
     from flax_lora.evaluation.generate import make_greedy, make_greedy_cached
     from flax_lora.lora import LoraConfig, init_lora
-    from flax_lora.models.llama import causal_lm_from_config
+    from flax_lora.models.decoder import causal_lm_from_config
 
     cfg = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3, num_hidden_layers=args.layers,
                       num_attention_heads=args.heads, num_key_value_heads=max(1, args.heads // 2),

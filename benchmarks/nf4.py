@@ -110,12 +110,12 @@ def tiny_errors() -> dict:
 def _abstract_params(shape: dict, seq: int = 128):
     """bf16 ``jax.ShapeDtypeStruct`` params of the Llama port for ``shape``, layers stacked."""
     from flax_lora.models.base import param_shapes
-    from flax_lora.models.llama import LlamaForCausalLM
+    from flax_lora.models.decoder import DecoderLM
     from flax_lora.models.stacking import stack_layers
     from flax_lora.perf.shapes import llama_config
 
     config = llama_config(shape, seq)
-    module = LlamaForCausalLM(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, scan=True)
+    module = DecoderLM(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, scan=True)
     return jax.eval_shape(lambda p: stack_layers(p, config.num_hidden_layers), param_shapes(module.clone(scan=False)))
 
 

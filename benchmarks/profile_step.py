@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_lora.lora import LoraConfig, lora_active
-from flax_lora.models.llama import _Backbone
+from flax_lora.models.decoder import _Backbone
 from flax_lora.perf.shapes import PRESETS
 from flax_lora.perf.throughput import build_model
 from flax_lora.training.losses import fused_token_nll, token_nll

@@ -128,7 +128,7 @@ def tiny_chat_llama(folder, style: str = "llama3"):
     from transformers import LlamaConfig
 
     from flax_lora.models import hf
-    from flax_lora.models.llama import causal_lm_from_config
+    from flax_lora.models.decoder import causal_lm_from_config
 
     tok = chat_tokenizer(style, folder)
     cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,

@@ -98,13 +98,13 @@ def test_lora_advise_never_imports_the_heavy_stack():
 
 def test_constants_the_advisor_mirrors_agree_with_the_backend():
     from advisor import catalog, memory
-    from flax_lora.models import hf, llama, registry
+    from flax_lora.models import decoder, hf, registry
     from flax_lora.training import losses
 
-    assert set(memory.PORT_TYPES) == set(llama.MODEL_TYPES) == set(memory.FUSED_LOSS_TYPES)
+    assert set(memory.PORT_TYPES) == set(decoder.MODEL_TYPES) == set(memory.FUSED_LOSS_TYPES)
     assert memory.FUSED_CHUNK_BYTES == losses.TARGET_CHUNK_BYTES
     assert set(registry.REGISTRY) <= set(catalog.ARCHS), "every trainable family has advisor presets"
-    assert set(hf.SUPPORTED) | set(llama.MODEL_TYPES) == set(registry.REGISTRY)
+    assert set(hf.SUPPORTED) | set(decoder.MODEL_TYPES) == set(registry.REGISTRY)
 
 
 @pytest.mark.parametrize("head_dim", [32, 60, 64, 128, 256])
@@ -114,10 +114,10 @@ def test_the_advisor_knows_when_the_port_uses_flash_attention(monkeypatch, head_
     import jax.numpy as jnp
 
     from advisor import catalog, memory
-    from flax_lora.models import llama
+    from flax_lora.models import decoder
 
     monkeypatch.delenv("LORA_ATTENTION", raising=False)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     shape = catalog.CATALOG["tinyllama-1.1b"].model_copy(update={"head_dim": head_dim})
-    port = llama._fused_attention({"bf16": jnp.bfloat16, "fp32": jnp.float32}[precision], head_dim)
+    port = decoder._fused_attention({"bf16": jnp.bfloat16, "fp32": jnp.float32}[precision], head_dim)
     assert memory.fused_attention(shape, precision) == (port == "cudnn")

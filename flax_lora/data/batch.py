@@ -7,7 +7,7 @@ a checkpoint records ``(epoch, batch index)`` and resuming replays exactly the s
 Packing (``lora train --packing``): each batch row holds several examples back to back
 (:func:`first_fit`), and the batch carries ``segment_ids`` (1, 2, ... per example in the row, 0 on
 padding) and ``position_ids`` (restarting at 0 for each example), which the model uses to confine
-attention to each example (:mod:`flax_lora.models.llama`). See :class:`Batches`.
+attention to each example (:mod:`flax_lora.models.decoder`). See :class:`Batches`.
 """
 
 from __future__ import annotations

@@ -59,7 +59,7 @@ class CausalLM:
     def check_packing(self, packing: bool) -> bool:
         """``packing``, or a one-line UserError when it is asked for and this family cannot do it."""
         if packing and not self.takes_segment_ids:
-            raise UserError(f"--packing needs the Llama-family port (llama, mistral, qwen2); {self.model_type} runs "
+            raise UserError(f"--packing needs a family on the project's decoder port; {self.model_type} runs "
                             "on transformers' Flax class, which cannot confine attention to each packed example")
         return packing
 

@@ -14,6 +14,11 @@ one ``nn.scan`` stacked under ``model/layers/stack`` (:mod:`flax_lora.models.sta
 
 Precision: matmuls in ``dtype``, attention scores, softmax, rope and RMSNorm statistics in float32,
 logits in float32. Attention dropout is not implemented (0 in every supported checkpoint).
+
+Packed rows (``lora train --packing``): ``segment_ids`` [B, T] (1, 2, ... per example, 0 on
+padding) confine attention to each example (causal within it, nothing across) and the caller's
+``position_ids`` restart at 0 for each, so every example gets the logits it gets alone in a row.
+They always take the explicit-score path (see :func:`_fused_attention`).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from functools import partial
 from typing import Any, Literal, NamedTuple
 
 import flax.linen as nn
+from flax import struct
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -117,7 +123,12 @@ def _fused_attention(dtype, head_dim: int) -> str | None:
     """Which attention kernel to trace: None for explicit scores, else a ``jax.nn.dot_product_attention``
     implementation. ``LORA_ATTENTION``: ``xla`` (explicit scores), ``auto`` (jax picks), ``cudnn``.
     Unset: cuDNN flash attention on GPUs in bf16/fp16 for head sizes cuDNN takes (no [B, H, T, T]
-    scores: faster and far smaller; figures in benchmarks/RESULTS.md), explicit scores elsewhere."""
+    scores: faster and far smaller; figures in benchmarks/RESULTS.md), explicit scores elsewhere.
+
+    Packed rows never take it: jax 0.10's public fused attention takes one length per row, not
+    several examples (cuDNN's packed layout is private and Hopper-only; Pallas' segment-aware
+    ``mha`` is an example kernel without grouped-query heads), and none could be run without a GPU.
+    Soft-capped scores (Gemma 2) do not take it either: the fused kernels have no soft-cap."""
     impl = os.environ.get("LORA_ATTENTION")
     if impl is not None:
         return None if impl == "xla" else impl
@@ -205,7 +216,7 @@ class Attention(nn.Module):
         return q.astype(self.dtype), k.astype(self.dtype), v
 
     @nn.compact
-    def __call__(self, x, attention_mask, tables):
+    def __call__(self, x, attention_mask, tables, segment_ids=None):
         cfg = self.config
         nh, hd = cfg.num_attention_heads, R.head_dim(cfg)
         b, t, _ = x.shape
@@ -215,8 +226,10 @@ class Attention(nn.Module):
         out_bias = bool(getattr(cfg, "attention_bias", False)) and not family_of(cfg).qkv_bias
         o_proj = _dense(cfg.hidden_size, out_bias, self.dtype, self.param_dtype, cfg, "o_proj")
         cached = self.has_variable("cache", "cached_key") or self.init_cache
+        if cached and segment_ids is not None:
+            raise ValueError("packed rows (segment_ids) are for training; the KV cache takes one sequence per row")
         impl = _fused_attention(self.dtype, hd)
-        if impl and not cached and softcap is None:
+        if impl and not cached and softcap is None and segment_ids is None:
             # fused (flash) attention, e.g. cuDNN on GPUs: no [B, H, T, T] scores in memory. Right
             # padding (the trainer's): key_value_seq_lengths masks the padded keys.
             lengths = jnp.sum(attention_mask > 0, axis=-1).astype(jnp.int32)
@@ -228,7 +241,8 @@ class Attention(nn.Module):
         offset = jnp.zeros((), jnp.int32)
         if cached:
             k, v, offset = self._update_cache(k, v)
-        out = _explicit_attention(q, k, v, attention_mask, offset, scale, softcap, self.spec.window, self.dtype)
+        allowed = _allowed(t, k.shape[1], offset, self.spec.window, attention_mask, segment_ids)
+        out = _explicit_attention(q, k, v, allowed, scale, softcap, self.dtype)
         return o_proj(out.reshape(b, t, nh * hd))
 
     def _update_cache(self, k, v):
@@ -246,16 +260,25 @@ class Attention(nn.Module):
         return ck.value, cv.value, idx
 
 
-def _explicit_attention(q, k, v, attention_mask, offset, scale, softcap, window, dtype):
-    """Scores [B, KV, G, T, S] in float32: scaled, soft-capped, masked (causal, window, padding)."""
-    b, t, nh, hd = q.shape
-    nkv, s = k.shape[2], k.shape[1]
+def _allowed(t: int, s: int, offset, window: int | None, attention_mask, segment_ids) -> jax.Array:
+    """Which keys each query sees, broadcastable to the scores [B, KV, G, T, S]: causal (from
+    ``offset``, the cache position), within ``window``, not padding, and, for packed rows
+    (``segment_ids`` [B, T]), only keys of the query's own example."""
     q_idx = offset + jnp.arange(t)[:, None]
     k_idx = jnp.arange(s)[None, :]
     allowed = k_idx <= q_idx
     if window is not None:
         allowed &= k_idx > q_idx - window
-    allowed = allowed[None, None, None] & (attention_mask[:, None, None, None, :s] > 0)
+    if segment_ids is None:
+        return allowed[None, None, None] & (attention_mask[:, None, None, None, :s] > 0)
+    same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0)
+    return allowed[None, None, None] & same[:, None, None]
+
+
+def _explicit_attention(q, k, v, allowed, scale, softcap, dtype):
+    """Attention through explicit scores [B, KV, G, T, S] in float32: scaled, soft-capped, masked."""
+    b, t, nh, hd = q.shape
+    nkv = k.shape[2]
     q = q.reshape(b, t, nkv, nh // nkv, hd)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
     if softcap is not None:
@@ -299,25 +322,26 @@ class DecoderLayer(nn.Module):
     init_cache: bool = False
 
     @nn.compact
-    def __call__(self, x, attention_mask, tables):
+    def __call__(self, x, attention_mask, tables, segment_ids=None):
         cfg, fam = self.config, family_of(self.config)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm = lambda name: _norm(cfg, fam, name, **kw)  # noqa: E731
-        attn = Attention(cfg, self.spec, init_cache=self.init_cache, name="self_attn", **kw)
+        module = Attention(cfg, self.spec, init_cache=self.init_cache, name="self_attn", **kw)
+        attn = lambda h: module(h, attention_mask, tables, segment_ids)  # noqa: E731
         mlp = MLP(cfg, name="mlp", **kw)
         if fam.norms == "pre":
-            x = x + attn(norm("input_layernorm")(x), attention_mask, tables)
+            x = x + attn(norm("input_layernorm")(x))
             return x + mlp(norm("post_attention_layernorm")(x))
         if fam.norms == "sandwich":
-            x = x + norm("post_attention_layernorm")(attn(norm("input_layernorm")(x), attention_mask, tables))
+            x = x + norm("post_attention_layernorm")(attn(norm("input_layernorm")(x)))
             return x + norm("post_feedforward_layernorm")(mlp(norm("pre_feedforward_layernorm")(x)))
-        x = x + norm("post_attention_layernorm")(attn(x, attention_mask, tables))
+        x = x + norm("post_attention_layernorm")(attn(x))
         return x + norm("post_feedforward_layernorm")(mlp(x))
 
 
 class _ScanLayer(DecoderLayer):
-    def __call__(self, x, attention_mask, tables):  # noqa: D102 - (carry, per-step output) for nn.scan
-        return super().__call__(x, attention_mask, tables), None
+    def __call__(self, x, attention_mask, tables, segment_ids=None):  # noqa: D102 - (carry, output) for nn.scan
+        return super().__call__(x, attention_mask, tables, segment_ids), None
 
 
 class LayerCollection(nn.Module):
@@ -331,7 +355,7 @@ class LayerCollection(nn.Module):
     init_cache: bool = False
 
     @nn.compact
-    def __call__(self, x, attention_mask, tables, output_hidden_states: bool = False):
+    def __call__(self, x, attention_mask, tables, output_hidden_states: bool = False, segment_ids=None):
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, init_cache=self.init_cache)
         specs = layer_specs(cfg)
@@ -342,20 +366,22 @@ class LayerCollection(nn.Module):
             cls = nn.remat(_ScanLayer, prevent_cse=False) if self.remat else _ScanLayer
             stack = nn.scan(cls, variable_axes={"params": 0, "lora": 0, "cache": 0},
                             split_rngs={"params": True, "lora_dropout": True, "dropout": True},
-                            in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_hidden_layers)
-            x, _ = stack(cfg, specs[0], name=STACK, **kw)(x, attention_mask, tables)
+                            in_axes=(nn.broadcast,) * (2 if segment_ids is None else 3),
+                            length=cfg.num_hidden_layers)
+            extra = () if segment_ids is None else (segment_ids,)
+            x, _ = stack(cfg, specs[0], name=STACK, **kw)(x, attention_mask, tables, *extra)
             return x, hidden
         cls = nn.remat(DecoderLayer) if self.remat else DecoderLayer
         for i, spec in enumerate(specs):
             if output_hidden_states:
                 hidden.append(x)
-            x = cls(cfg, spec, name=str(i), **kw)(x, attention_mask, tables)
+            x = cls(cfg, spec, name=str(i), **kw)(x, attention_mask, tables, segment_ids)
         return x, hidden
 
 
-@dataclass
+@struct.dataclass
 class CausalLMOutput:
-    """What ``return_dict=True`` returns (``.logits`` [B, T, V] float32, ``.hidden_states``)."""
+    """What ``return_dict=True`` returns (``.logits`` [B, T, V] float32, ``.hidden_states``); a pytree."""
 
     logits: jax.Array
     hidden_states: tuple | None = None
@@ -365,6 +391,8 @@ class DecoderLM(nn.Module):
     """Causal LM with HF Flax causal LMs' call signature and output (``.logits`` [B, T, V] float32).
 
     ``dtype`` is the compute dtype, ``param_dtype`` the dtype of freshly initialised params.
+    ``segment_ids`` (an addition to HF's signature) marks packed rows' examples (module docstring);
+    pass ``position_ids`` restarting per example with them.
     """
 
     config: Any
@@ -376,7 +404,7 @@ class DecoderLM(nn.Module):
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, position_ids=None, deterministic: bool = True,
                  init_cache: bool = False, output_attentions: bool = False, output_hidden_states: bool = False,
-                 return_dict: bool = True):
+                 return_dict: bool = True, segment_ids=None):
         cfg = self.config
         b, t = input_ids.shape
         if attention_mask is None:
@@ -384,7 +412,7 @@ class DecoderLM(nn.Module):
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(t)[None], (b, t))
         model = _Backbone(cfg, self.dtype, self.param_dtype, self.scan, self.remat, init_cache, name="model")
-        x, hidden, emb = model(input_ids, attention_mask, position_ids, output_hidden_states)
+        x, hidden, emb = model(input_ids, attention_mask, position_ids, output_hidden_states, segment_ids)
         if getattr(cfg, "tie_word_embeddings", False):
             logits = jnp.einsum("bth,vh->btv", x, emb.astype(self.dtype), preferred_element_type=jnp.float32)
         else:
@@ -412,7 +440,7 @@ class _Backbone(nn.Module):
     init_cache: bool = False
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask, position_ids, output_hidden_states=False):
+    def __call__(self, input_ids, attention_mask, position_ids, output_hidden_states=False, segment_ids=None):
         cfg, fam = self.config, family_of(self.config)
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
                          embedding_init=nn.initializers.normal(cfg.initializer_range), name="embed_tokens")
@@ -423,7 +451,7 @@ class _Backbone(nn.Module):
         tables = {kind: R.cos_sin(r, position_ids) for kind, r in ropes_of(cfg).items() if kind in kinds}
         layers = LayerCollection(cfg, self.dtype, self.param_dtype, self.scan, self.remat, self.init_cache,
                                  name="layers")
-        x, hidden = layers(x, attention_mask, tables, output_hidden_states)
+        x, hidden = layers(x, attention_mask, tables, output_hidden_states, segment_ids)
         x = _norm(cfg, fam, "norm", dtype=self.dtype, param_dtype=self.param_dtype)(x)
         return x, hidden, embed.embedding
 

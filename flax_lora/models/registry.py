@@ -1,6 +1,6 @@
 """model_type -> loader: which implementation loads a checkpoint.
 
-The project's faithful ports (:mod:`flax_lora.models.llama`) serve the families they cover;
+The project's own port (:mod:`flax_lora.models.decoder`) serves the families it covers;
 transformers' Flax classes (:mod:`flax_lora.models.hf`) the older ones. Every loader returns a
 :class:`~flax_lora.models.base.CausalLM`. To add a family: write its port, then list its
 ``model_type`` values here.
@@ -14,13 +14,13 @@ from typing import Callable
 import jax.numpy as jnp
 
 from flax_lora.errors import UserError
-from flax_lora.models import hf, hub, llama
+from flax_lora.models import decoder, hf, hub
 from flax_lora.models.base import CausalLM
 
 # model_type -> loader(source, config, *, dtype[, scan, remat]) -> CausalLM
 REGISTRY: dict[str, Callable[..., CausalLM]] = {
     **{t: hf.load_hf for t in hf.SUPPORTED},
-    **{t: llama.load_causal_lm for t in llama.MODEL_TYPES},  # the port wins over transformers' class
+    **{t: decoder.load_causal_lm for t in decoder.MODEL_TYPES},  # the port wins over transformers' class
 }
 
 
@@ -41,7 +41,7 @@ def load_model(source: str, *, dtype=jnp.float32, config=None, scan: bool = Fals
     if remat:
         if "remat" not in takes:
             raise UserError(f"gradient checkpointing (--remat) is not available for model type {config.model_type!r} "
-                            "(transformers' Flax class has none); it is for llama, mistral and qwen2")
+                            f"(transformers' Flax class has none); it is for {', '.join(decoder.MODEL_TYPES)}")
         kwargs["remat"] = True
     return loader(source, config, dtype=dtype, **kwargs)
 

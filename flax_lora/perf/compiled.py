@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from flax_lora.lora import LoraConfig, init_lora
 from flax_lora.models.base import CausalLM, param_shapes
-from flax_lora.models.llama import LlamaForCausalLM
+from flax_lora.models.decoder import DecoderLM
 from flax_lora.models.stacking import stack_layers
 from flax_lora.perf.shapes import PRESETS, llama_config, target_linears
 from flax_lora.training.losses import default_chunk
@@ -99,7 +99,7 @@ def compile_step(case: dict, device=None, r: int = 8, targets=ATTENTION):
     dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[case["precision"]]
     config = llama_config(shape, case["seq"])
     scan = case.get("scan", True)
-    module = LlamaForCausalLM(config, dtype=dtype, param_dtype=dtype, scan=scan, remat=case["remat"])
+    module = DecoderLM(config, dtype=dtype, param_dtype=dtype, scan=scan, remat=case["remat"])
     chosen = target_linears(module, config, targets, dtype)
     params, stack = _abstract_params(case, module, config, scan)
     lora = jax.eval_shape(lambda: stack(init_lora(chosen, r, jax.random.PRNGKey(0))))

@@ -25,7 +25,7 @@ import numpy as np
 
 from flax_lora.lora import LoraConfig, count_params, init_lora
 from flax_lora.models.base import CausalLM
-from flax_lora.models.llama import LlamaForCausalLM, load_llama
+from flax_lora.models.decoder import DecoderLM, load_decoder
 from flax_lora.models.stacking import stack_layers
 from flax_lora.perf import flops
 from flax_lora.perf.compiled import memory_gb
@@ -80,9 +80,9 @@ def build_model(shape: dict, *, seq, precision, scan, remat, quantization, r, ta
     config = llama_config(shape, seq)
     t0 = time.perf_counter()
     if init == "flax":
-        module, params, _ = load_llama(config, dtype, dtype, scan=scan, remat=remat, seed=seed)
+        module, params, _ = load_decoder(config, dtype, dtype, scan=scan, remat=remat, seed=seed)
     else:
-        module = LlamaForCausalLM(config, dtype=dtype, param_dtype=dtype, scan=scan, remat=remat)
+        module = DecoderLM(config, dtype=dtype, param_dtype=dtype, scan=scan, remat=remat)
         params = random_params(module, seed=seed, std=config.initializer_range)
     jax.block_until_ready(params)
     params_seconds = time.perf_counter() - t0

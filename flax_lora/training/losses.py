@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from flax_lora.models.base import packed_inputs
-from flax_lora.models.llama import LlamaForCausalLM
+from flax_lora.models.decoder import DecoderLM
 
 # LORA_FUSED_LOSS=0 turns the fused path off (A/B benchmarks); read at trace time.
 def fused_enabled() -> bool:
@@ -107,8 +107,11 @@ def _max_sumexp(logits):
     return lax.platform_dependent(logits, cpu=_max_sumexp_two_pass, default=_max_sumexp_one_pass)
 
 
-def _loop(h, labels, w, weight, vocab_major, chunk, n_chunks, with_grad: bool):
-    """Summed weighted NLL over the first ``n_chunks`` chunks (and d/dh per row if asked)."""
+def _loop(h, labels, w, weight, vocab_major, chunk, n_chunks, with_grad: bool, softcap: float | None = None):
+    """Summed weighted NLL over the first ``n_chunks`` chunks (and d/dh per row if asked).
+
+    ``softcap`` (Gemma 2's final logits): the loss is on ``cap * tanh(logits / cap)``, and the
+    gradient through it is multiplied by ``1 - tanh^2``."""
     dtype = h.dtype
 
     def body(i, carry):
@@ -116,7 +119,9 @@ def _loop(h, labels, w, weight, vocab_major, chunk, n_chunks, with_grad: bool):
         hc = lax.dynamic_slice_in_dim(h, i * chunk, chunk)
         lc = lax.dynamic_slice_in_dim(labels, i * chunk, chunk)
         wc = lax.dynamic_slice_in_dim(w, i * chunk, chunk)
-        logits = _logits(hc, weight, vocab_major)
+        raw = _logits(hc, weight, vocab_major)
+        tanh = None if softcap is None else jnp.tanh(raw / softcap)
+        logits = raw if softcap is None else tanh * softcap
         m, s = _max_sumexp(logits)
         e = jnp.exp(logits - m)
         lse = (m + jnp.log(s))[:, 0]
@@ -127,7 +132,8 @@ def _loop(h, labels, w, weight, vocab_major, chunk, n_chunks, with_grad: bool):
             # into a float32 copy, then a cast, would be two more passes over [chunk, V];
             # figures: benchmarks/RESULTS.md)
             onehot = lax.broadcasted_iota(jnp.int32, logits.shape, 1) == lc[:, None]
-            g = (e * (wc[:, None] / s) - jnp.where(onehot, wc[:, None], 0.0)).astype(dtype)
+            g = e * (wc[:, None] / s) - jnp.where(onehot, wc[:, None], 0.0)
+            g = (g if tanh is None else g * (1.0 - tanh * tanh)).astype(dtype)
             grad = lax.dynamic_update_slice_in_dim(grad, _dh(g, weight, vocab_major, dtype).astype(grad.dtype),
                                                    i * chunk, 0)
         return total, grad
@@ -136,24 +142,24 @@ def _loop(h, labels, w, weight, vocab_major, chunk, n_chunks, with_grad: bool):
     return lax.fori_loop(0, n_chunks, body, (jnp.zeros((), jnp.float32), grad0))
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _fused(hidden, weight, input_ids, loss_mask, vocab_major, chunk):
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _fused(hidden, weight, input_ids, loss_mask, vocab_major, chunk, softcap):
     h, labels, w, _, n_chunks = _sorted_targets(hidden, input_ids, loss_mask, chunk)
-    total, _ = _loop(h, labels, w, weight, vocab_major, chunk, n_chunks, False)
+    total, _ = _loop(h, labels, w, weight, vocab_major, chunk, n_chunks, False, softcap)
     return total
 
 
-def _fused_fwd(hidden, weight, input_ids, loss_mask, vocab_major, chunk):
+def _fused_fwd(hidden, weight, input_ids, loss_mask, vocab_major, chunk, softcap):
     b, t, d = hidden.shape
     h, labels, w, order, n_chunks = _sorted_targets(hidden, input_ids, loss_mask, chunk)
-    total, grad_sorted = _loop(h, labels, w, weight, vocab_major, chunk, n_chunks, True)
+    total, grad_sorted = _loop(h, labels, w, weight, vocab_major, chunk, n_chunks, True, softcap)
     n = b * (t - 1)
     grad = jnp.zeros((n, d), jnp.float32).at[order].set(grad_sorted[:n])
     grad = jnp.pad(grad.reshape(b, t - 1, d), ((0, 0), (0, 1), (0, 0)))
     return total, (grad.astype(hidden.dtype), weight, input_ids, loss_mask)
 
 
-def _fused_bwd(vocab_major, chunk, res, g):
+def _fused_bwd(vocab_major, chunk, softcap, res, g):
     grad, weight, input_ids, loss_mask = res
     zero = lambda x: jnp.zeros_like(x) if jnp.issubdtype(x.dtype, jnp.floating) else _int_ct(x)
     # the output projection is frozen: its cotangent is zero by contract (see module docstring)
@@ -170,17 +176,17 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 def fused_token_nll(hidden, weight, input_ids, loss_mask, *, vocab_major: bool = True,
-                    chunk: int | None = None) -> tuple[jax.Array, jax.Array]:
+                    chunk: int | None = None, softcap: float | None = None) -> tuple[jax.Array, jax.Array]:
     """(summed NLL, target-token count) in float32 of ``logits = hidden @ W``; position t predicts t+1.
 
     ``hidden`` [B, T, H] in the compute dtype; ``weight`` the frozen output projection, [V, H]
     (a tied embedding, ``vocab_major``) or [H, V] (an lm_head kernel). ``loss_mask[t] = 1``
-    where token t is a target.
+    where token t is a target. ``softcap``: logits soft-capped as ``cap * tanh(logits / cap)``.
     """
     vocab = weight.shape[0] if vocab_major else weight.shape[1]
     b, t, _ = hidden.shape
     chunk = chunk or default_chunk(vocab, b * (t - 1))
-    total = _fused(hidden, lax.stop_gradient(weight), input_ids, loss_mask, vocab_major, chunk)
+    total = _fused(hidden, lax.stop_gradient(weight), input_ids, loss_mask, vocab_major, chunk, softcap)
     return total, jnp.sum(loss_mask[:, 1:].astype(jnp.float32))
 
 
@@ -199,9 +205,9 @@ def token_nll(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -> 
 def fused_head(model, lora) -> tuple[str, bool] | None:
     """(where the output projection lives, vocab_major) when ``model`` can use the fused loss, else None.
 
-    Our Llama-family port qualifies unless the adapter targets ``lm_head``.
+    The project's decoder port qualifies unless the adapter targets ``lm_head``.
     """
-    if not fused_enabled() or not isinstance(model.module, LlamaForCausalLM) or "lm_head" in (lora or {}):
+    if not fused_enabled() or not isinstance(model.module, DecoderLM) or "lm_head" in (lora or {}):
         return None
     if getattr(model.config, "tie_word_embeddings", False):
         return "embed", True
@@ -229,4 +235,5 @@ def model_token_nll(model, variables, batch, *, rngs=None, chunk: int | None = N
                                    output_hidden_states=True, return_dict=False, rngs=rngs, **packed)
     params = variables["params"]
     weight = params["model"]["embed_tokens"]["embedding"] if head[0] == "embed" else params["lm_head"]["kernel"]
-    return fused_token_nll(hidden[-1], weight, ids, batch["loss_mask"], vocab_major=head[1], chunk=chunk)
+    return fused_token_nll(hidden[-1], weight, ids, batch["loss_mask"], vocab_major=head[1], chunk=chunk,
+                           softcap=getattr(model.config, "final_logit_softcapping", None))

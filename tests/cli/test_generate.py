@@ -37,7 +37,7 @@ def chat_model(tmp_path_factory):
     from transformers import LlamaConfig
 
     from flax_lora.models import hf
-    from flax_lora.models.llama import causal_lm_from_config
+    from flax_lora.models.decoder import causal_lm_from_config
 
     d = tmp_path_factory.mktemp("chat_llama")
     tok = chat_tokenizer("chatml", d / "model")

@@ -186,12 +186,12 @@ def test_frozen_linear_bytes_at_most_030x_bf16(method, expect):
     """A SmolLM2-135M-shaped model (abstract: nothing allocated): the 4-bit codes plus every scale
     are at most 0.30x the bf16 kernels (4.5 bits per weight, ~4.13 double-quantized)."""
     from flax_lora.models.base import param_shapes
-    from flax_lora.models.llama import LlamaForCausalLM
+    from flax_lora.models.decoder import DecoderLM
     from flax_lora.models.stacking import stack_layers
     from flax_lora.perf.shapes import PRESETS, llama_config
 
     config = llama_config(PRESETS["smollm2-135m"], 128)
-    module = LlamaForCausalLM(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, scan=True)
+    module = DecoderLM(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, scan=True)
     params = jax.eval_shape(lambda p: stack_layers(p, config.num_hidden_layers), param_shapes(module.clone(scan=False)))
     qparams = jax.eval_shape(lambda p: quantize_as(p, method), params)
     bf16, quant = _linear_bytes(params, qparams)

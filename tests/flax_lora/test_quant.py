@@ -16,12 +16,12 @@ from flax_lora.quant import SCALE, nbytes, quant_active, quantize_kernel, quanti
 def _llama(scan=False):
     from transformers import LlamaConfig
 
-    from flax_lora.models.llama import load_llama
+    from flax_lora.models.decoder import load_decoder
 
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=97, max_position_embeddings=64, tie_word_embeddings=False,
                       initializer_range=0.05)
-    module, params, _ = load_llama(cfg, scan=scan)
+    module, params, _ = load_decoder(cfg, scan=scan)
     return CausalLM(module, params, cfg, "llama", "test")
 
 

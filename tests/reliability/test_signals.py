@@ -28,7 +28,7 @@ def slow_model(tmp_path_factory):
 
     from flax_lora import demo
     from flax_lora.models import hf
-    from flax_lora.models.llama import causal_lm_from_config
+    from flax_lora.models.decoder import causal_lm_from_config
 
     d = tmp_path_factory.mktemp("slow")
     cfg = LlamaConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,

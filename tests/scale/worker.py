@@ -33,15 +33,15 @@ def main(argv=None):
 
     from flax_lora.lora import LoraConfig, init_lora
     from flax_lora.models import CausalLM
-    from flax_lora.models.llama import load_llama
+    from flax_lora.models.decoder import load_decoder
     from flax_lora.models.stacking import stack_layers
     from flax_lora.targets import resolve_targets
     from flax_lora.training.step import OptimConfig, init_state, make_optimizer, make_schedule, make_train_step
 
     cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=64, max_position_embeddings=64, initializer_range=0.2)
-    module, params, _ = load_llama(cfg, scan=True)
-    flat = CausalLM(module.clone(scan=False), load_llama(cfg)[1], cfg, "llama", "test")
+    module, params, _ = load_decoder(cfg, scan=True)
+    flat = CausalLM(module.clone(scan=False), load_decoder(cfg)[1], cfg, "llama", "test")
     lora = stack_layers(init_lora(resolve_targets(flat.linears(), "llama", preset="attention"), 4,
                                   jax.random.PRNGKey(1)), 2)
     model = CausalLM(module, params, cfg, "llama", "test")

@@ -49,9 +49,9 @@ def _gpt2_call(module, variables, ids):
 
 
 def flax_llama(folder: Path) -> Flax:
-    from flax_lora.models.llama import load_llama
+    from flax_lora.models.decoder import load_decoder
 
-    module, params, _ = load_llama(folder)
+    module, params, _ = load_decoder(folder)
     return Flax(module, params, _llama_call)
 
 

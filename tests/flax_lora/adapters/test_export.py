@@ -30,9 +30,9 @@ def _save_base(folder, cfg, dtype=None, numpy_dtype_defect=False):
         shapes = FlaxGPT2LMHeadModel(config, _do_init=False).params_shape_tree
     else:
         from flax_lora.models.base import param_shapes
-        from flax_lora.models.llama import LlamaForCausalLM
+        from flax_lora.models.decoder import DecoderLM
 
-        shapes = param_shapes(LlamaForCausalLM(config))
+        shapes = param_shapes(DecoderLM(config))
     params = random_params(shapes)
     write_checkpoint(folder, flax_to_torch(params, dtype=dtype))
     config.to_json_file(folder / "config.json")

@@ -100,12 +100,12 @@ def test_flax_linear_paths_are_torch_module_paths(model_type, extra):
 
     from flax_lora.lora import discover_linears
     from flax_lora.models.base import param_shapes
-    from flax_lora.models.llama import LlamaForCausalLM
+    from flax_lora.models.decoder import DecoderLM
 
     config = AutoConfig.for_model(model_type, vocab_size=128, max_position_embeddings=64, **extra)
     ids = jnp.asarray(IDS)
     if model_type in ("qwen2", "mistral"):
-        module, params = LlamaForCausalLM(config), param_shapes(LlamaForCausalLM(config))
+        module, params = DecoderLM(config), param_shapes(DecoderLM(config))
         linears = discover_linears(lambda p: module.apply({"params": p}, ids), params)
     else:
         fm = FlaxAutoModelForCausalLM.from_config(config, _do_init=False)

@@ -35,14 +35,15 @@ def _build(name):
     from transformers import (BloomConfig, GemmaConfig, GPT2Config, GPTJConfig, GPTNeoConfig, LlamaConfig,
                               MistralConfig, OPTConfig)
 
-    from flax_lora.models import CausalLM, hf, llama
+    from flax_lora.models import CausalLM, decoder, hf
+    from flax_lora.models.stacking import stack_layers
 
     if name in ("llama", "llama-scan", "mistral-window"):
         cfg = MistralConfig(**_llama_base(), sliding_window=5) if name == "mistral-window" else LlamaConfig(**_llama_base())
-        m = llama.causal_lm_from_config(cfg)
+        m = decoder.causal_lm_from_config(cfg)
         if name == "llama-scan":
             module = m.module.clone(scan=True)
-            return CausalLM(module, llama.stack_layers(m.params, cfg.num_hidden_layers), cfg, cfg.model_type, "tiny"), m
+            return CausalLM(module, stack_layers(m.params, cfg.num_hidden_layers), cfg, cfg.model_type, "tiny"), m
         return m, m
     cfg = {
         "gpt2": lambda: GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=VOCAB, n_positions=64, initializer_range=0.2),

@@ -28,7 +28,7 @@ pick = jax.jit(sample_next)
 def tiny():
     from transformers import LlamaConfig
 
-    from flax_lora.models import llama
+    from flax_lora.models import decoder as llama
 
     cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, initializer_range=0.2)

@@ -10,11 +10,11 @@ import numpy as np
 def test_fused_attention_matches_explicit_scores_with_right_padding(monkeypatch):
     from transformers import LlamaConfig
 
-    from flax_lora.models.llama import load_llama
+    from flax_lora.models.decoder import load_decoder
 
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=97, max_position_embeddings=64, initializer_range=0.1)
-    module, params, _ = load_llama(cfg, scan=True)
+    module, params, _ = load_decoder(cfg, scan=True)
     ids = jax.random.randint(jax.random.PRNGKey(0), (3, 16), 0, 97)
     mask = jnp.ones_like(ids).at[1, 10:].set(0).at[2, 5:].set(0)
 
@@ -32,7 +32,7 @@ def test_fused_attention_matches_explicit_scores_with_right_padding(monkeypatch)
 def test_default_kernel_choice(monkeypatch):
     """Unset: flash attention only on GPUs in half precision with a cuDNN head size; the
     variable always wins."""
-    import flax_lora.models.llama as llama
+    import flax_lora.models.decoder as llama
 
     monkeypatch.delenv("LORA_ATTENTION", raising=False)
     monkeypatch.setattr(llama.jax, "default_backend", lambda: "gpu")

@@ -1,4 +1,4 @@
-"""flax_lora.perf.shapes: benchmark shapes and the fast random params (the exact tree ``load_llama``
+"""flax_lora.perf.shapes: benchmark shapes and the fast random params (the exact tree ``load_decoder``
 makes, filled per leaf); flax_lora.perf.throughput: the benchmark's step on them."""
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ def _tiny_config():
 @pytest.mark.parametrize("scan", [True, False])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_random_params_match_load_llama_tree(scan, dtype):
-    from flax_lora.models.llama import LlamaForCausalLM, load_llama
+    from flax_lora.models.decoder import DecoderLM, load_decoder
 
     cfg = _tiny_config()
-    want = jax.eval_shape(lambda: load_llama(cfg, dtype, dtype, scan=scan, remat=scan)[1])
-    module = LlamaForCausalLM(cfg, dtype=dtype, param_dtype=dtype, scan=scan, remat=scan)
+    want = jax.eval_shape(lambda: load_decoder(cfg, dtype, dtype, scan=scan, remat=scan)[1])
+    module = DecoderLM(cfg, dtype=dtype, param_dtype=dtype, scan=scan, remat=scan)
     got = shapes.random_params(module, seed=0, std=cfg.initializer_range)
     assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
     for (path, g), (_, w) in zip(flatten_dict(got).items(), flatten_dict(want).items()):
@@ -43,7 +43,7 @@ def test_random_params_match_load_llama_tree(scan, dtype):
 
 @pytest.mark.slow
 def test_hashed_normal_is_normal_ish_deterministic_and_keyed():
-    from flax_lora.models.llama import LlamaForCausalLM
+    from flax_lora.models.decoder import DecoderLM
 
     normal = shapes.hashed_normal
     x = np.asarray(normal(jnp.uint32(1), jnp.uint32(2), (512, 1024), jnp.float32, 0.02))
@@ -54,7 +54,7 @@ def test_hashed_normal_is_normal_ish_deterministic_and_keyed():
     np.testing.assert_array_equal(x, normal(jnp.uint32(1), jnp.uint32(2), (512, 1024), jnp.float32, 0.02))
 
     cfg = _tiny_config()
-    module = LlamaForCausalLM(cfg, scan=True)
+    module = DecoderLM(cfg, scan=True)
     p0, p0b, p1 = (flatten_dict(shapes.random_params(module, seed=s)) for s in (0, 0, 1))
     emb = ("model", "embed_tokens", "embedding")
     q, k = ("model", "layers", "stack", "self_attn", "q_proj", "kernel"), ("model", "layers", "stack", "self_attn", "k_proj", "kernel")
@@ -68,18 +68,18 @@ def test_hashed_normal_is_normal_ish_deterministic_and_keyed():
 def test_llama_params_counts_the_model(tied):
     from flax_lora.lora import count_params
     from flax_lora.models.base import param_shapes
-    from flax_lora.models.llama import LlamaForCausalLM
+    from flax_lora.models.decoder import DecoderLM
 
     shape = {**shapes.PRESETS["tiny"], "tied_embeddings": tied}
-    module = LlamaForCausalLM(shapes.llama_config(shape, 32), scan=False)
+    module = DecoderLM(shapes.llama_config(shape, 32), scan=False)
     assert shapes.llama_params(shape) == count_params(param_shapes(module))
 
 
 def test_target_linears_are_per_layer_for_a_scanned_module():
-    from flax_lora.models.llama import LlamaForCausalLM
+    from flax_lora.models.decoder import DecoderLM
 
     cfg = _tiny_config()
-    got = shapes.target_linears(LlamaForCausalLM(cfg, scan=True), cfg, ["q_proj", "v_proj"], jnp.float32)
+    got = shapes.target_linears(DecoderLM(cfg, scan=True), cfg, ["q_proj", "v_proj"], jnp.float32)
     assert sorted(got) == [f"model/layers/{i}/self_attn/{m}" for i in range(2) for m in ("q_proj", "v_proj")]
 
 

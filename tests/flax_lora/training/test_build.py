@@ -21,7 +21,7 @@ def llama_dir(tmp_path_factory):
 
     from flax_lora import demo
     from flax_lora.models import hf
-    from flax_lora.models.llama import causal_lm_from_config
+    from flax_lora.models.decoder import causal_lm_from_config
 
     d = tmp_path_factory.mktemp("llama")
     cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

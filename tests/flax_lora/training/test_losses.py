@@ -62,13 +62,13 @@ def test_llama_train_loss_fused_equals_logits_path(tied, monkeypatch):
 
     from flax_lora.lora import LoraConfig, init_lora, lora_active
     from flax_lora.models import CausalLM
-    from flax_lora.models.llama import load_llama
+    from flax_lora.models.decoder import load_decoder
     from flax_lora.targets import resolve_targets
 
     cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=97, max_position_embeddings=64,
                       tie_word_embeddings=tied, initializer_range=0.2)
-    module, params, _ = load_llama(cfg)
+    module, params, _ = load_decoder(cfg)
     model = CausalLM(module, params, cfg, "llama", "test")
     targets = resolve_targets(model.linears(), "llama", preset="attention")
     lora = init_lora(targets, 4, jax.random.PRNGKey(1))

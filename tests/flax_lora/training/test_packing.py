@@ -34,10 +34,10 @@ def _config():
 
 def _model(scan: bool, remat: bool = False):
     from flax_lora.models.base import CausalLM
-    from flax_lora.models.llama import load_llama
+    from flax_lora.models.decoder import load_decoder
 
     cfg = _config()
-    module, params, _ = load_llama(cfg, scan=scan, remat=remat)
+    module, params, _ = load_decoder(cfg, scan=scan, remat=remat)
     return CausalLM(module, params, cfg, "llama", "test", layers_stacked=scan)
 
 
@@ -88,7 +88,7 @@ def test_families_without_segment_ids_refuse_packing(tiny_models):
 
     gpt2 = tiny_models["gpt2"]
     assert gpt2.check_packing(False) is False and _model(scan=False).check_packing(True) is True
-    with pytest.raises(UserError, match="--packing needs the Llama-family port.*gpt2") as err:
+    with pytest.raises(UserError, match="--packing needs a family on the project's decoder port.*gpt2") as err:
         gpt2.check_packing(True)
     assert "\n" not in str(err.value)
     ids = jnp.ones((1, 4), jnp.int32)
@@ -175,7 +175,7 @@ def test_lora_train_packing_end_to_end(tmp_path):
     from flax_lora import demo
     from flax_lora.errors import UserError
     from flax_lora.models import hf
-    from flax_lora.models.llama import causal_lm_from_config
+    from flax_lora.models.decoder import causal_lm_from_config
     from flax_lora.training.loop import train
     from flax_lora.training.rundir import RunDir
 
