@@ -364,26 +364,35 @@ def rule_learning_rate(ctx: Context) -> Decision:
 
 
 def rule_quantization(ctx: Context) -> Decision:
-    """Quantization: given, else off unless batch 1 does not fit, then int8 (with a warning)."""
+    """Quantization: given, else off unless batch 1 does not fit, then int8 (the guide's
+    load_in_8bit), and nf4 (QLoRA, not in the guide) only when int8 does not fit batch 1 either;
+    each step with its saving and a warning."""
     req, vram, field = ctx.request, ctx.request.vram_gb, "training.quantization"
     if req.quantization is not None:
         return decide("quantization", field, req.quantization, "given")
     plain_b1 = need_gb(ctx, 1, T.DEFAULT_QUANTIZATION)
     if plain_b1 <= vram:
         return decide("quantization", field, T.DEFAULT_QUANTIZATION, '"Model Quantization": off while the model fits')
-    saves = plain_b1 - need_gb(ctx, 1, "int8")
+    int8_b1 = need_gb(ctx, 1, "int8")
     why = (f"batch 1 needs {_gb(plain_b1)} in {ctx.precision} > {vram:g} GB: int8 frozen weights "
-           f"(the guide's load_in_8bit) save {_gb(saves)}")
+           f"(the guide's load_in_8bit) save {_gb(plain_b1 - int8_b1)}")
     warning = (f"the model does not fit in {ctx.precision} even at batch 1 ({_gb(plain_b1)} > {vram:g} GB): "
-               f"advised int8 quantization, saving {_gb(saves)}")
-    return decide("quantization", field, "int8", why, [warning])
+               f"advised int8 quantization, saving {_gb(plain_b1 - int8_b1)}")
+    if int8_b1 <= vram:
+        return decide("quantization", field, "int8", why, [warning])
+    nf4_b1 = need_gb(ctx, 1, "nf4")
+    why = (f"{why}; batch 1 still needs {_gb(int8_b1)} with int8 > {vram:g} GB: nf4 frozen weights (QLoRA's "
+           f"NormalFloat-4, 4 bits and a scale per 64 weights; not in the guide: QLoRA) save {_gb(int8_b1 - nf4_b1)} more")
+    warning = (f"the model does not fit even at batch 1 with int8 weights ({_gb(int8_b1)} > {vram:g} GB): advised "
+               f"nf4 quantization (QLoRA, not in the guide), saving {_gb(plain_b1 - nf4_b1)} in all")
+    return decide("quantization", field, "nf4", why, [warning])
 
 
 def rule_gradient_checkpointing(ctx: Context) -> Decision:
     """Gradient checkpointing: on when batch 1 still does not fit with the chosen quantization.
 
     Not in the guide: recomputing each layer's activations in the backward pass (about a third
-    more compute) is the next lever after int8; only the project's Llama-family port has it.
+    more compute) is the next lever after int8 and nf4; only the project's decoder port has it.
     The user's explicit choice wins; it is refused for model types without it.
     """
     req, vram, quant, field = ctx.request, ctx.request.vram_gb, ctx.quantization, "training.gradient_checkpointing"
@@ -636,8 +645,10 @@ def rule_packing(ctx: Context) -> Decision:
 def fit_remedies(ctx: Context, b1: float) -> list[str]:
     """What would make batch 1 (needing ``b1`` GiB) fit, in order, each with its saving."""
     req, vram, ml, out = ctx.request, ctx.request.vram_gb, ctx.max_length, []
-    if ctx.quantization != "int8":
+    if ctx.quantization == "none":
         out.append(f"int8 quantization saves {_gb(b1 - need_gb(ctx, 1, 'int8'))}")
+    if ctx.quantization in ("none", "int8"):
+        out.append(f"nf4 quantization (QLoRA) saves {_gb(b1 - need_gb(ctx, 1, 'nf4'))}")
     if ctx.shape.model_type in memory.PORT_TYPES and not ctx.remat:
         out.append(f"gradient checkpointing (--remat) saves {_gb(b1 - need_gb(ctx, 1, remat=True))}")
     if req.gpus > 1:

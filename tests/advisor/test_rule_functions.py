@@ -81,19 +81,23 @@ def test_alpha_rule_decides_alpha_and_scaling_with_a_reason_each():
 
 
 def test_quantization_then_gradient_checkpointing_ladder():
-    """3 GB and a 1B Llama: batch 1 fits neither in bf16 nor in int8 alone; int8 comes first
-    (the guide's lever), then recomputing activations, judged with int8 weights."""
-    ctx = context_before(rule_quantization, samples=3000, vram_gb=3, model="llama-3.2-1b")
-    assert ctx.remat is False and need_gb(ctx, 1, "none") > 3
+    """A 1B Llama on ever smaller GPUs: int8 first (the guide's lever), nf4 only when int8 does not
+    fit batch 1 (QLoRA, not in the guide), then recomputing activations, judged with nf4 weights."""
+    ctx = context_before(rule_quantization, samples=3000, vram_gb=3.5, model="llama-3.2-1b")
+    assert ctx.remat is False and need_gb(ctx, 1, "none") > 3.5 >= need_gb(ctx, 1, "int8")
     q = rule_quantization(ctx)
     assert q.value == "int8" and q.why.startswith("batch 1 needs") and "load_in_8bit" in q.why
     (warning,) = q.warnings
     assert warning.startswith("the model does not fit in bf16 even at batch 1") and "advised int8" in warning
 
+    ctx = context_before(rule_quantization, samples=3000, vram_gb=2.4, model="llama-3.2-1b")
+    assert need_gb(ctx, 1, "int8") > 2.4
+    q = rule_quantization(ctx)
+    assert q.value == "nf4" and "not in the guide: QLoRA" in q.why and "advised nf4" in q.warnings[0]
     ctx = replace(ctx, **q.values)
-    assert need_gb(ctx, 1) > 3 >= need_gb(ctx, 1, remat=True)
+    assert need_gb(ctx, 1) > 2.4 >= need_gb(ctx, 1, remat=True)
     g = rule_gradient_checkpointing(ctx)
-    assert g.value is True and "with int8 weights" in g.why
+    assert g.value is True and "with nf4 weights" in g.why
     assert g.warnings == (f"advised gradient checkpointing (lora train --remat): {g.why}",)
 
 
@@ -111,7 +115,7 @@ def test_ladder_stops_where_the_model_fits_and_respects_the_users_choice():
 
 def test_no_gradient_checkpointing_for_models_outside_the_port():
     ctx = context_before(rule_gradient_checkpointing, samples=3000, vram_gb=1, model="gpt2-medium")
-    assert ctx.quantization == "int8" and need_gb(ctx, 1) > 1
+    assert ctx.quantization == "nf4" and need_gb(ctx, 1) > 1
     g = rule_gradient_checkpointing(ctx)
     assert g.value is False and g.why.startswith("off: not available for model type gpt2")
 

@@ -228,14 +228,14 @@ def test_gradient_checkpointing_only_when_batch_one_does_not_fit():
     a = advise(samples=3000, vram_gb=12)
     assert a.training.gradient_checkpointing is False
     assert reason(a, "training.gradient_checkpointing").startswith("off: batch 1 fits")
-    # 3 GB: int8 first (the guide's lever), then recomputing activations makes batch 1 fit
-    b = advise(samples=3000, vram_gb=3, model="llama-3.2-1b")
-    assert b.training.quantization == "int8" and b.training.gradient_checkpointing and b.memory.fits
-    no_remat = Setup(b.lora.r, b.lora.target_modules, 1, b.training.max_length, quantization="int8")
-    assert not memory.fits(b.model, no_remat, 3) and memory.fits(b.model, no_remat._replace(remat=True), 3)
+    # 2.4 GB: int8, then nf4 (QLoRA), then recomputing activations makes batch 1 fit
+    b = advise(samples=3000, vram_gb=2.4, model="llama-3.2-1b")
+    assert b.training.quantization == "nf4" and b.training.gradient_checkpointing and b.memory.fits
+    no_remat = Setup(b.lora.r, b.lora.target_modules, 1, b.training.max_length, quantization="nf4")
+    assert not memory.fits(b.model, no_remat, 2.4) and memory.fits(b.model, no_remat._replace(remat=True), 2.4)
     assert any("advised gradient checkpointing (lora train --remat)" in w for w in b.warnings)
     # the user's choice wins either way
-    c = advise(samples=3000, vram_gb=3, model="llama-3.2-1b", gradient_checkpointing=False)
+    c = advise(samples=3000, vram_gb=2.4, model="llama-3.2-1b", gradient_checkpointing=False)
     assert c.training.gradient_checkpointing is False and not c.memory.fits
     assert any("gradient checkpointing (--remat) saves" in w for w in c.warnings)  # offered as a remedy
     assert advise(samples=3000, vram_gb=24, gradient_checkpointing=True).training.gradient_checkpointing

@@ -22,12 +22,12 @@ def test_advised_gradient_checkpointing_reaches_the_run_config(tmp_path):
     from advisor import advise
     from flax_lora.training.config import config_from_advice
 
-    tight = advise(samples=3000, vram_gb=3, model="llama-3.2-1b")
+    tight = advise(samples=3000, vram_gb=2, model="llama-3.2-1b")
     assert tight.training.gradient_checkpointing
     data = tmp_path / "d.jsonl"
     data.write_text('{"prompt": "a", "completion": "b"}\n')
     cfg = config_from_advice(tight, model="some/llama", data=str(data), output=str(tmp_path / "r"), overrides={})
-    assert cfg.remat is True and cfg.quantization == "int8"
+    assert cfg.remat is True and cfg.quantization == "nf4"
     roomy = advise(samples=3000, vram_gb=24, model="llama-3.2-1b")
     cfg = config_from_advice(roomy, model="some/llama", data=str(data), output=str(tmp_path / "r"), overrides={})
     assert cfg.remat is False
