@@ -25,17 +25,18 @@ RUNTIME_FIXED_GB = 0.75  # CUDA/XLA context, cuBLAS workspaces, compiled program
 RUNTIME_FRACTION = 0.10  # allocator fragmentation and XLA temporaries, of everything else
 INT8_SCALE_BYTES = 4  # one fp32 scale per output row of each quantized linear (LLM.int8 style)
 ADAM_STATES = 2  # AdamW keeps m and v, fp32
-# trained through the project's decoder port (flax_lora.models.decoder: chunked loss, scan, remat);
-# the other families through transformers' Flax classes (tested to agree with the port's list)
-PORT_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "smollm3", "olmo2")
+# trained through the project's own ports (flax_lora.models.decoder and .gpt2: chunked loss, scan, remat);
+# the other families through transformers' Flax classes, the legacy extra (tested to agree with the ports' lists)
+PORT_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3", "olmo2",
+              "gpt2")
 FUSED_LOSS_TYPES = PORT_TYPES
 SOFTCAPPED_ATTENTION = ("gemma2",)  # tanh-capped scores: no fused kernel takes them, one more T^2 buffer
 NORM_EXTRAS = {  # per-token elements more than Llama's layer saves: Gemma's two extra norms, q/k norms
     "gemma2": lambda q, kv, h: 2 * h, "gemma3_text": lambda q, kv, h: 2 * h + q + kv,
     "qwen3": lambda q, kv, h: q + kv, "olmo2": lambda q, kv, h: q + kv}
 NF4_BYTES = {"nf4": 0.5 + 4 / 64, "nf4-dq": 0.5 + 1 / 64 + 4 / (64 * 256)}  # per weight, scales included
-# softmax in float32 with bf16 weights: the port, and transformers' Flax BLOOM and Gemma (attention_softmax_in_fp32)
-FP32_SOFTMAX_TYPES = PORT_TYPES + ("bloom", "gemma")
+# softmax in float32 with bf16 weights: the ports, and transformers' Flax BLOOM (attention_softmax_in_fp32)
+FP32_SOFTMAX_TYPES = PORT_TYPES + ("bloom",)
 FUSED_CHUNK_BYTES = 128 * 2**20  # flax_lora.training.losses.TARGET_CHUNK_BYTES (tested to agree)
 
 

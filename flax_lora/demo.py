@@ -84,18 +84,16 @@ def make_rows(n: int, seed: int) -> list[dict[str, str]]:
 
 def materialize(run_dir: str | Path, seed: int = 0) -> tuple[Path, Path, Path]:
     """Write the demo model (random init), tokenizer and data into ``run_dir``; return their paths."""
-    from transformers import AutoConfig
-
     from advisor.io import atomic_write_text
-    from flax_lora.models import hf
+    from flax_lora.models import gpt2, hub
 
     run_dir = Path(run_dir)
     model_dir, data_dir = run_dir / "model", run_dir / "data"
     if not (model_dir / "model.safetensors").is_file():
-        config = AutoConfig.for_model(**json.loads((ASSETS / "config.json").read_text()))
-        model = hf.from_config(config, seed=seed, source="demo")
+        config = hub.config_from_json(json.loads((ASSETS / "config.json").read_text()), "demo")
+        model = gpt2.causal_lm_from_config(config, seed=seed, source="demo")  # the project's GPT-2 port
         save_tokenizer(build_tokenizer(), model_dir)
-        hf.save_pt_safetensors(model_dir, model.params, config)  # config first, weights (the marker) last
+        hub.save_pt_safetensors(model_dir, model.params, config)  # config first, weights (the marker) last
     data_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, n, s in (("train.jsonl", N_TRAIN, seed), ("eval.jsonl", N_EVAL, seed + 1)):

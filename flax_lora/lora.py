@@ -62,7 +62,9 @@ class LoraConfig:
 def _linear_kind(module: nn.Module) -> Kind | None:
     if isinstance(module, nn.Dense):
         return "dense"
-    if type(module).__name__ == "FlaxConv1D":  # transformers' GPT-2 Conv1D, kernel [out, in]
+    from flax_lora.quant import CONV1D_CLASSES
+
+    if type(module).__name__ in CONV1D_CLASSES:  # GPT-2's Conv1D (the port's or transformers'), kernel [out, in]
         return "conv1d"
     return None
 

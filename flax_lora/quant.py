@@ -31,6 +31,7 @@ from jax import lax
 
 SCALE = "kernel_scale"
 SKIP = ("lm_head",)  # the output projection stays in the compute dtype (as load_in_8bit)
+CONV1D_CLASSES = ("FlaxConv1D", "Conv1D")  # GPT-2's linears, kernel [out, in]: transformers' Flax class, the port's
 
 
 def quantize_kernel(kernel: jax.Array, out_axis: int) -> tuple[jax.Array, jax.Array]:
@@ -71,7 +72,7 @@ def quantized_call(module: nn.Module, x: jax.Array) -> jax.Array:
     q = module.get_variable("params", "kernel")
     scale = module.get_variable("params", SCALE)
     dtype = getattr(module, "dtype", None) or x.dtype
-    conv1d = type(module).__name__ == "FlaxConv1D"  # kernel [out, in]
+    conv1d = type(module).__name__ in CONV1D_CLASSES  # kernel [out, in]
     y = _int8_matmul(x.astype(dtype), q, scale.astype(jnp.float32), conv1d)
     if module.has_variable("params", "bias"):
         y = y + module.get_variable("params", "bias").astype(dtype)

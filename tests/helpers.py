@@ -127,12 +127,12 @@ def tiny_chat_llama(folder, style: str = "llama3"):
     """A 1-layer random Llama whose folder holds a ``style`` chat tokenizer (``chat_tokenizer``)."""
     from transformers import LlamaConfig
 
-    from flax_lora.models import hf
+    from flax_lora.models import hub
     from flax_lora.models.decoder import causal_lm_from_config
 
     tok = chat_tokenizer(style, folder)
     cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                       num_key_value_heads=1, vocab_size=tok.vocab_size(), max_position_embeddings=1024,
                       bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
-    hf.save_pt_safetensors(folder, causal_lm_from_config(cfg, seed=0).params, cfg)
+    hub.save_pt_safetensors(folder, causal_lm_from_config(cfg, seed=0).params, cfg)
     return folder

@@ -101,10 +101,24 @@ def test_constants_the_advisor_mirrors_agree_with_the_backend():
     from flax_lora.models import decoder, hf, registry
     from flax_lora.training import losses
 
-    assert set(memory.PORT_TYPES) == set(decoder.MODEL_TYPES) == set(memory.FUSED_LOSS_TYPES)
+    assert set(memory.PORT_TYPES) == set(registry.PORT_TYPES) == set(memory.FUSED_LOSS_TYPES)
+    assert set(registry.PORT_TYPES) == set(decoder.MODEL_TYPES) | {"gpt2"}
     assert memory.FUSED_CHUNK_BYTES == losses.TARGET_CHUNK_BYTES
     assert set(registry.REGISTRY) <= set(catalog.ARCHS), "every trainable family has advisor presets"
-    assert set(hf.SUPPORTED) | set(decoder.MODEL_TYPES) == set(registry.REGISTRY)
+    assert set(hf.SUPPORTED) | set(registry.PORT_TYPES) == set(registry.REGISTRY)
+    assert not set(hf.SUPPORTED) & set(registry.PORT_TYPES), "a ported family never takes the legacy path"
+
+
+def test_no_transformers_model_class_outside_the_legacy_path():
+    """The ports use transformers for configs and tokenizer conversion only: a model class (Flax,
+    PyTorch) is imported by the legacy module alone (and the PyTorch benchmark baseline, which runs
+    transformers' own LlamaForCausalLM on purpose), so the core install works with transformers 5."""
+    import re
+
+    pattern = re.compile(r"from transformers[\w.]* import [^\n]*(Flax|ForCausalLM|PreTrainedModel|AutoModel)")
+    found = [str(p.relative_to(ROOT)) for pkg in ("flax_lora", "cli", "advisor") for p in (ROOT / pkg).rglob("*.py")
+             if pattern.search(p.read_text())]
+    assert sorted(found) == ["flax_lora/models/hf.py", "flax_lora/perf/torch_baseline.py"]
 
 
 @pytest.mark.parametrize("head_dim", [32, 60, 64, 128, 256])

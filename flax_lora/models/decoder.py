@@ -2,9 +2,9 @@
 built like it, each difference a field of :class:`Family`.
 
 Families: llama (Llama 2/3/3.1/3.2, SmolLM2, TinyLlama), mistral, qwen2, qwen3 (per-head q/k
-RMSNorm), gemma2 (soft-capping, alternating sliding windows, pre+post norms, (1 + w) RMSNorm,
-scaled embedding, GELU-tanh, ``query_pre_attn_scalar``), gemma3_text (Gemma 2's layout, q/k norms,
-local/global rope per layer), phi3 (fused ``qkv_proj`` / ``gate_up_proj``, partial rotary,
+RMSNorm), gemma (Gemma 1: (1 + w) RMSNorm, scaled embedding, GELU-tanh, tied), gemma2
+(soft-capping, alternating sliding windows, pre+post norms, (1 + w) RMSNorm, scaled embedding,
+GELU-tanh, ``query_pre_attn_scalar``), gemma3_text (Gemma 2's layout, q/k norms, local/global rope per layer), phi3 (fused ``qkv_proj`` / ``gate_up_proj``, partial rotary,
 longrope; Phi-4-mini), smollm3 (layers without rope), olmo2 (norms after attention and MLP, q/k
 norms over the full projections). Rotary embeddings: :mod:`flax_lora.models.rope`.
 
@@ -57,6 +57,7 @@ FAMILIES: dict[str, Family] = {
     "qwen2": Family(qkv_bias=True),
     "qwen3": Family(qk_norm="head"),
     "smollm3": Family(),
+    "gemma": Family(norm_style="gemma", embed_scale=True),  # Gemma 1: Llama's layout, Gemma's norms and embedding
     "gemma2": Family(norms="sandwich", norm_style="gemma", embed_scale=True),
     "gemma3_text": Family(norms="sandwich", norm_style="gemma", qk_norm="head", embed_scale=True),
     "phi3": Family(fused=True),
@@ -104,7 +105,7 @@ def ropes_of(config) -> dict[str, R.Rope]:
     """The rotary embeddings the layers use, by kind."""
     out = {"global": R.rope_of(config)}
     if config.model_type == "gemma3_text":
-        out["local"] = R.rope_of(config, base=config.rope_local_base_freq, scaling=False)
+        out["local"] = R.rope_of(config, "sliding_attention")
     return out
 
 

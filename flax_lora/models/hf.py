@@ -1,14 +1,16 @@
-"""transformers' Flax causal LMs as :class:`CausalLM`, for the families without an own port.
+"""transformers' Flax causal LMs as :class:`CausalLM`, for the legacy families without an own port
+(OPT, GPT-Neo, GPT-J, BLOOM): the ``flax-legacy`` extra.
 
-Weights come from a local folder or a Hub snapshot (:mod:`flax_lora.models.hub`):
-``flax_model.msgpack`` through transformers, a PyTorch-layout ``model.safetensors`` through
-:func:`flax_lora.models.weights.torch_to_flax` (no torch needed).
+transformers' Flax model classes ended with 4.57 (v5 removed them), so this path needs
+``pip install "lora[flax-legacy]"`` (transformers < 5); without them a legacy family is refused
+with that hint (:func:`require_flax`). Weights come from a local folder or a Hub snapshot
+(:mod:`flax_lora.models.hub`): ``flax_model.msgpack`` through transformers, a PyTorch-layout
+``model.safetensors`` through :func:`flax_lora.models.weights.torch_to_flax` (no torch needed).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import jax
@@ -22,8 +24,8 @@ from flax_lora.models.hub import resolve
 
 
 class _HideFlaxDeprecation(logging.Filter):
-    """transformers 4.57 warns on every Flax model that v5 drops them; this project pins
-    ``<5`` on purpose (and ports the families it depends on), so the notice is noise."""
+    """transformers 4.57 warns on every Flax model that v5 drops them; this path is the legacy
+    extra on purpose (the families that matter have own ports), so the notice is noise."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "TensorFlow and JAX classes are deprecated" not in record.getMessage()
@@ -31,17 +33,34 @@ class _HideFlaxDeprecation(logging.Filter):
 
 logging.getLogger("transformers.modeling_flax_utils").addFilter(_HideFlaxDeprecation())
 
-SUPPORTED = ("gpt2", "opt", "gpt_neo", "gptj", "bloom", "llama", "mistral", "gemma")
+SUPPORTED = ("opt", "gpt_neo", "gptj", "bloom")  # the legacy families (the others have own ports)
+INSTALL_HINT = 'pip install "lora[flax-legacy]"'
+
+
+def flax_available() -> bool:
+    """Whether the installed transformers still has its Flax model classes (< 5, with flax)."""
+    try:
+        from transformers import FlaxAutoModelForCausalLM  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def require_flax(model_type: str) -> None:
+    """A one-line UserError naming the extra when transformers' Flax classes are absent."""
+    if not flax_available():
+        raise UserError(f"model type {model_type!r} needs transformers' Flax classes: {INSTALL_HINT}")
 
 
 def _flax_class(config):
+    require_flax(config.model_type)
     from transformers import FlaxAutoModelForCausalLM
     from transformers.models.auto.modeling_flax_auto import FLAX_MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    if config.model_type not in FLAX_MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    if config.model_type not in SUPPORTED or config.model_type not in FLAX_MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise UserError(
-            f"model type {config.model_type!r} has no Flax causal LM in transformers; "
-            f"supported: {', '.join(SUPPORTED)}"
+            f"model type {config.model_type!r} has no Flax causal LM here; "
+            f"legacy families: {', '.join(SUPPORTED)}"
         )
     return FlaxAutoModelForCausalLM._model_mapping[type(config)]
 
@@ -112,18 +131,3 @@ def load_hf(source: str, config, *, dtype=jnp.float32) -> CausalLM:
     else:
         raise UserError(f"model {source!r}: no flax_model.msgpack or model.safetensors in {folder}")
     return CausalLM(model.module, _cast(params, dtype), config, config.model_type, source, dtype)
-
-
-def save_pt_safetensors(folder: str | os.PathLike, params, config) -> Path:
-    """Write ``params`` as a PyTorch-layout ``model.safetensors`` (+ config) — test fixtures, the demo.
-
-    The config is written first and the weights (atomically) last, so a folder whose
-    ``model.safetensors`` exists is complete.
-    """
-    from flax_lora.models.weights import flax_to_torch, write_checkpoint
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(str(folder))
-    write_checkpoint(folder, flax_to_torch(params, dtype=np.float32))
-    return folder

@@ -7,6 +7,7 @@ implement is refused, and transformers is always called with ``trust_remote_code
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Collection
 
@@ -62,15 +63,21 @@ def read_config_json(folder: Path, source: str, supported: Collection[str]) -> d
     return drop_bad_dtypes(raw)
 
 
-def load_config(source: str, supported: Collection[str]):
-    """The transformers config of a model folder or Hub id; remote code is never trusted."""
+def config_from_json(raw: dict, source: str):
+    """The transformers config class of ``raw`` (a checked config.json): its family's defaults for the
+    keys the file omits. ``AutoConfig.for_model`` exists in transformers 4.57 and 5.x alike; what
+    the two make of rotary settings differs, and :mod:`flax_lora.models.rope` reads both."""
     from transformers import AutoConfig
 
-    raw = read_config_json(resolve(source), source, supported)
     try:
         return AutoConfig.for_model(**raw)
     except (ValueError, KeyError, TypeError) as exc:
         raise UserError(f"model {source!r}: unusable config.json ({str(exc).splitlines()[0][:300]})") from None
+
+
+def load_config(source: str, supported: Collection[str]):
+    """The transformers config of a model folder or Hub id; remote code is never trusted."""
+    return config_from_json(read_config_json(resolve(source), source, supported), source)
 
 
 def load_tokenizer(source: str, supported: Collection[str]):
@@ -103,3 +110,20 @@ def _converted(folder: Path, source: str):
         raise UserError(f"model {source!r}: its tokenizer has no fast (tokenizer.json) form")
     config = {k: getattr(hf, k, None) for k in SPECIALS}
     return Tokenizer(hf.backend_tokenizer, config, chat_template=getattr(hf, "chat_template", None), name=source)
+
+
+def save_pt_safetensors(folder: str | os.PathLike, params, config) -> Path:
+    """Write ``params`` as a PyTorch-layout ``model.safetensors`` (+ config) — test fixtures, the demo.
+
+    The config is written first and the weights (atomically) last, so a folder whose
+    ``model.safetensors`` exists is complete.
+    """
+    import numpy as np
+
+    from flax_lora.models.weights import flax_to_torch, write_checkpoint
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(folder))
+    write_checkpoint(folder, flax_to_torch(params, dtype=np.float32))
+    return folder

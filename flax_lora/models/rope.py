@@ -40,10 +40,35 @@ def head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def scaling_of(config) -> dict:
-    """The config's ``rope_scaling`` with its type under ``rope_type``; an unknown type is a UserError."""
-    rs = dict(getattr(config, "rope_scaling", None) or {})
-    rs.setdefault("rope_type", rs.get("type", "default"))
+def rope_settings(config, layer: str = "full_attention") -> dict:
+    """The rotary settings of ``config`` for a ``layer`` type as one dict (``rope_type``,
+    ``rope_theta``, ``partial_rotary_factor`` and the scaling keys), whichever transformers made it.
+
+    transformers 5 keeps them in ``rope_parameters`` (per layer type where they differ: Gemma 3's
+    ``sliding_attention`` / ``full_attention``); 4.57 in ``rope_theta``, ``rope_scaling``,
+    ``partial_rotary_factor`` and Gemma 3's ``rope_local_base_freq`` (local layers: no scaling).
+    """
+    params = getattr(config, "rope_parameters", None)
+    if isinstance(params, dict) and params:
+        if isinstance(params.get("full_attention"), dict):  # nested by layer type
+            params = params.get(layer) or params["full_attention"]
+        out = dict(params)
+    elif layer == "sliding_attention" and getattr(config, "rope_local_base_freq", None) is not None:
+        out = {"rope_type": "default", "rope_theta": config.rope_local_base_freq}
+    else:
+        out = dict(getattr(config, "rope_scaling", None) or {})
+        out.setdefault("rope_theta", getattr(config, "rope_theta", None))
+    out.setdefault("rope_type", out.get("type") or "default")
+    if out.get("rope_theta") is None:
+        out["rope_theta"] = 10000.0
+    if out.get("partial_rotary_factor") is None:
+        out["partial_rotary_factor"] = getattr(config, "partial_rotary_factor", None) or 1.0
+    return out
+
+
+def scaling_of(config, layer: str = "full_attention") -> dict:
+    """The rotary settings (:func:`rope_settings`); an unknown ``rope_type`` is a UserError."""
+    rs = rope_settings(config, layer)
     if rs["rope_type"] not in TYPES:
         raise UserError(f"rope_scaling type {rs['rope_type']!r} is not supported ({', '.join(TYPES)})")
     return rs
@@ -110,12 +135,12 @@ def _longrope(config, base: float, dim: int, rs: dict) -> tuple[np.ndarray, np.n
     return short, long, float(attention), int(original)
 
 
-def rope_of(config, *, base: float | None = None, scaling: bool = True) -> Rope:
-    """The rotary embedding a config declares (``base``/``scaling`` override: Gemma 3's local layers
-    use their own base and no scaling)."""
-    dim = int(head_dim(config) * getattr(config, "partial_rotary_factor", 1.0))
-    base = float(getattr(config, "rope_theta", 10000.0) if base is None else base)
-    rs = scaling_of(config) if scaling else {"rope_type": "default"}
+def rope_of(config, layer: str = "full_attention") -> Rope:
+    """The rotary embedding a config declares for a ``layer`` type (Gemma 3's ``sliding_attention``
+    layers have their own base and no scaling)."""
+    rs = scaling_of(config, layer)
+    dim = int(head_dim(config) * rs["partial_rotary_factor"])
+    base = float(rs["rope_theta"])
     kind, max_pos = rs["rope_type"], int(getattr(config, "max_position_embeddings", 0) or 0)
     inv, long, attention = _base_table(base, dim), None, 1.0
     if kind == "linear":

@@ -29,6 +29,10 @@ from jax import lax
 
 from flax_lora.models.base import packed_inputs
 from flax_lora.models.decoder import DecoderLM
+from flax_lora.models.gpt2 import GPT2LM
+
+# where each port keeps the embedding its tied output head reuses
+_TIED_EMBEDDING = {DecoderLM: ("model", "embed_tokens", "embedding"), GPT2LM: ("transformer", "wte", "embedding")}
 
 # LORA_FUSED_LOSS=0 turns the fused path off (A/B benchmarks); read at trace time.
 def fused_enabled() -> bool:
@@ -205,9 +209,9 @@ def token_nll(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -> 
 def fused_head(model, lora) -> tuple[str, bool] | None:
     """(where the output projection lives, vocab_major) when ``model`` can use the fused loss, else None.
 
-    The project's decoder port qualifies unless the adapter targets ``lm_head``.
+    The project's ports (decoder, GPT-2) qualify unless the adapter targets ``lm_head``.
     """
-    if not fused_enabled() or not isinstance(model.module, DecoderLM) or "lm_head" in (lora or {}):
+    if not fused_enabled() or type(model.module) not in _TIED_EMBEDDING or "lm_head" in (lora or {}):
         return None
     if getattr(model.config, "tie_word_embeddings", False):
         return "embed", True
@@ -234,6 +238,10 @@ def model_token_nll(model, variables, batch, *, rngs=None, chunk: int | None = N
     _, hidden = model.module.apply(variables, ids, mask, position_ids=pos, deterministic=True,
                                    output_hidden_states=True, return_dict=False, rngs=rngs, **packed)
     params = variables["params"]
-    weight = params["model"]["embed_tokens"]["embedding"] if head[0] == "embed" else params["lm_head"]["kernel"]
+    if head[0] == "embed":
+        a, b, c = _TIED_EMBEDDING[type(model.module)]
+        weight = params[a][b][c]
+    else:
+        weight = params["lm_head"]["kernel"]
     return fused_token_nll(hidden[-1], weight, ids, batch["loss_mask"], vocab_major=head[1], chunk=chunk,
                            softcap=getattr(model.config, "final_logit_softcapping", None))

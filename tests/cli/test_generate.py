@@ -36,7 +36,7 @@ def chat_model(tmp_path_factory):
     """A tiny random Llama with a byte-level ChatML tokenizer (its vocabulary is the model's)."""
     from transformers import LlamaConfig
 
-    from flax_lora.models import hf
+    from flax_lora.models import hub
     from flax_lora.models.decoder import causal_lm_from_config
 
     d = tmp_path_factory.mktemp("chat_llama")
@@ -44,7 +44,7 @@ def chat_model(tmp_path_factory):
     cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=tok.vocab_size(), max_position_embeddings=128,
                       eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, initializer_range=0.2)
-    hf.save_pt_safetensors(d / "model", causal_lm_from_config(cfg, seed=0).params, cfg)
+    hub.save_pt_safetensors(d / "model", causal_lm_from_config(cfg, seed=0).params, cfg)
     rows = [{"messages": _conversation(None if i % 2 else "Be brief.")} for i in range(24)]
     (d / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return d, tok

@@ -2,7 +2,8 @@
 
     python tests/parity/make_fixtures.py
 
-Each fixture is a directory ``fixtures/<name>/`` with a tiny random-init PyTorch checkpoint
+Made with transformers 4.57 and valid for 5.x (the parity tests read them with whichever is
+installed). Each fixture is a directory ``fixtures/<name>/`` with a tiny random-init PyTorch checkpoint
 (``config.json`` + ``model.safetensors``, float32; one is saved sharded) and ``golden.npz``:
 ``input_ids`` [2, 12], PyTorch ``logits`` [2, 12, V] float32 (eager attention) and, unless
 the RoPE is position-dependent across calls, ``greedy`` [2, 12 + 8] from ``model.generate``.
@@ -15,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GenerationConfig, LlamaConfig,
-                          MistralConfig, Olmo2Config, Phi3Config, Qwen2Config, Qwen3Config, SmolLM3Config)
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GemmaConfig, GenerationConfig,
+                          GPT2Config, LlamaConfig, MistralConfig, Olmo2Config, Phi3Config, Qwen2Config, Qwen3Config,
+                          SmolLM3Config)
 
 HERE = Path(__file__).parent / "fixtures"
 SMALL = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, max_position_embeddings=64)
@@ -102,6 +104,16 @@ FIXTURES = {
         **{**SMALL, "max_position_embeddings": 8}, num_attention_heads=4, num_key_value_heads=2,
         rope_scaling={"rope_type": "dynamic", "factor": 2.0},
     ),
+    # Gemma 1: Llama's layout with (1 + w) RMSNorm, sqrt(hidden)-scaled embedding, GELU-tanh gated
+    # MLP, head_dim 16 != hidden / heads, multi-query attention, tied.
+    "gemma_mqa_headdim": GemmaConfig(
+        **SMALL, num_attention_heads=4, num_key_value_heads=1, head_dim=16, initializer_range=0.2,
+    ),
+    # GPT-2 (the port of flax_lora.models.gpt2): learned positions, LayerNorm (perturbed, biased),
+    # fused c_attn Conv1D, gelu_new, tied head.
+    "gpt2_tied": GPT2Config(
+        vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64, initializer_range=0.2,
+    ),
 }
 
 
@@ -114,7 +126,7 @@ def main(only: list[str] | None = None) -> None:
         model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32).eval()
         with torch.no_grad():  # random-init norms are all ones: perturb them so they are tested
             for n, p in model.named_parameters():
-                if n.endswith(("norm.weight", "layernorm.weight")):
+                if n.endswith(("norm.weight", "layernorm.weight")) or ".ln_" in n:  # GPT-2: ln_1, ln_2, ln_f
                     p.add_(0.1 * torch.randn_like(p))
                 if n.endswith(".bias"):
                     p.normal_(0, 0.1)

@@ -27,14 +27,14 @@ def slow_model(tmp_path_factory):
     from transformers import LlamaConfig
 
     from flax_lora import demo
-    from flax_lora.models import hf
+    from flax_lora.models import hub
     from flax_lora.models.decoder import causal_lm_from_config
 
     d = tmp_path_factory.mktemp("slow")
     cfg = LlamaConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=32, max_position_embeddings=1024, bos_token_id=1,
                       eos_token_id=1, pad_token_id=0)
-    hf.save_pt_safetensors(d / "model", causal_lm_from_config(cfg, seed=0).params, cfg)
+    hub.save_pt_safetensors(d / "model", causal_lm_from_config(cfg, seed=0).params, cfg)
     demo.save_tokenizer(demo.build_tokenizer(), d / "model")
     rows = [{"prompt": " ".join(str((i * 7 + j) % 10) for j in range(SEQ - 20)), "completion": " one two"}
             for i in range(64)]

@@ -181,14 +181,14 @@ def llama_dir(tmp_path_factory):
     """A tiny Llama with the demo's tokenizer (as tests/flax_lora/training/test_build.py makes it)."""
     from transformers import LlamaConfig
 
-    from flax_lora.models import hf
+    from flax_lora.models import hub
     from flax_lora.models.decoder import causal_lm_from_config
 
     d = tmp_path_factory.mktemp("llama")
     cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=32, max_position_embeddings=64, bos_token_id=1,
                       eos_token_id=1, pad_token_id=0)
-    hf.save_pt_safetensors(d / "model", causal_lm_from_config(cfg, seed=0).params, cfg)
+    hub.save_pt_safetensors(d / "model", causal_lm_from_config(cfg, seed=0).params, cfg)
     demo.save_tokenizer(demo.build_tokenizer(), d / "model")
     return d / "model"
 

@@ -1,6 +1,6 @@
 """KV-cached greedy decoding (``make_greedy_cached``) gives exactly the tokens of the uncached
-decoder (``make_greedy``), for the Llama port (layer loop, ``nn.scan``, sliding window) and
-transformers' Flax families, with an adapter that changes the output, prompts of different
+decoder (``make_greedy``), for the ports (Llama, GPT-2, Gemma: layer loop, ``nn.scan``, sliding
+window) and transformers' Flax families (legacy), with an adapter that changes the output, prompts of different
 lengths in one batch, and an eos that stops some rows early; ``Evaluator.generate`` uses it
 where the model supports it and falls back where it does not."""
 
@@ -32,20 +32,27 @@ def _llama_base():
 
 
 def _build(name):
-    from transformers import (BloomConfig, GemmaConfig, GPT2Config, GPTJConfig, GPTNeoConfig, LlamaConfig,
-                              MistralConfig, OPTConfig)
+    from transformers import LlamaConfig, MistralConfig
 
-    from flax_lora.models import CausalLM, decoder, hf
+    from flax_lora.models import CausalLM
+    from flax_lora.models.registry import from_config
     from flax_lora.models.stacking import stack_layers
 
     if name in ("llama", "llama-scan", "mistral-window"):
         cfg = MistralConfig(**_llama_base(), sliding_window=5) if name == "mistral-window" else LlamaConfig(**_llama_base())
-        m = decoder.causal_lm_from_config(cfg)
-        if name == "llama-scan":
-            module = m.module.clone(scan=True)
-            return CausalLM(module, stack_layers(m.params, cfg.num_hidden_layers), cfg, cfg.model_type, "tiny"), m
-        return m, m
-    cfg = {
+    else:
+        cfg = _legacy_or_gpt2_config(name.removesuffix("-scan"))
+    m = from_config(cfg)
+    if name.endswith("-scan"):
+        module = m.module.clone(scan=True)
+        return CausalLM(module, stack_layers(m.params, cfg.num_hidden_layers), cfg, cfg.model_type, "tiny"), m
+    return m, m
+
+
+def _legacy_or_gpt2_config(name):
+    from transformers import BloomConfig, GemmaConfig, GPT2Config, GPTJConfig, GPTNeoConfig, OPTConfig
+
+    return {
         "gpt2": lambda: GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=VOCAB, n_positions=64, initializer_range=0.2),
         "opt": lambda: OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=VOCAB,
                                  max_position_embeddings=64, word_embed_proj_dim=32, init_std=0.2),
@@ -59,8 +66,6 @@ def _build(name):
                                      head_dim=16, intermediate_size=64, vocab_size=VOCAB, initializer_range=0.2,
                                      hidden_activation="gelu_pytorch_tanh"),
     }[name]()
-    m = hf.from_config(cfg)
-    return m, m
 
 
 def _adapter(flat_model, model):
@@ -99,14 +104,19 @@ def _pick_eos(res, lens):
     raise AssertionError(f"no token stops only some rows: {gens}")
 
 
-FAMILIES = ["llama", "llama-scan", "mistral-window", "gpt2", "opt", "bloom", "gpt_neo", "gptj", "gemma"]
-CHUNKED = ("llama-scan", "mistral-window", "gpt2", "bloom")  # chunked prefill: the port and HF's two cache styles
+LEGACY = ("opt", "bloom", "gpt_neo", "gptj")  # transformers' Flax classes (the flax-legacy extra)
+FAMILIES = ["llama", "llama-scan", "mistral-window", "gpt2", "gpt2-scan", "gemma", *LEGACY]
+CHUNKED = ("llama-scan", "mistral-window", "gpt2", "bloom")  # chunked prefill: the ports and HF's cache style
 
 
-FAST = ("llama", "gpt2")  # the port and transformers' cache; the other families run with -m slow
+FAST = ("llama", "gpt2", "opt")  # the two ports and transformers' cache; the other families run with -m slow
 
 
-@pytest.fixture(scope="module", params=[f if f in FAST else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES])
+def _marks(name):
+    return [m for m, on in ((pytest.mark.slow, name not in FAST), (pytest.mark.legacy, name in LEGACY)) if on]
+
+
+@pytest.fixture(scope="module", params=[pytest.param(f, marks=_marks(f)) for f in FAMILIES])
 def case(request):
     model, flat = _build(request.param)
     return request.param, model, _adapter(flat, model)

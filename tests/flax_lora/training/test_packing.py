@@ -174,14 +174,14 @@ def test_lora_train_packing_end_to_end(tmp_path):
     the demo's GPT-2 refuses it with a one-line error."""
     from flax_lora import demo
     from flax_lora.errors import UserError
-    from flax_lora.models import hf
+    from flax_lora.models import hub
     from flax_lora.models.decoder import causal_lm_from_config
     from flax_lora.training.loop import train
     from flax_lora.training.rundir import RunDir
 
     cfg = _config()
     cfg.vocab_size, cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = 32, 1, 1, 0
-    hf.save_pt_safetensors(tmp_path / "model", causal_lm_from_config(cfg, seed=0).params, cfg)
+    hub.save_pt_safetensors(tmp_path / "model", causal_lm_from_config(cfg, seed=0).params, cfg)
     demo.save_tokenizer(demo.build_tokenizer(), tmp_path / "model")
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in demo.make_rows(64, 0)))
     steps = dict(max_steps=4, log_every=2, save_every=2, eval_every=0, rouge_examples=2, max_new_tokens=2,

@@ -116,11 +116,11 @@ def test_loss_falls_and_frozen_weights_never_change(tiny_models, family):
 
 
 def test_pytorch_safetensors_load_without_torch(tiny_models, tmp_path):
-    from flax_lora.models import hf, load_model
+    from flax_lora.models import hub, load_model
 
     for name in ("gpt2", "llama"):
         model = tiny_models[name]
-        folder = hf.save_pt_safetensors(tmp_path / name, model.params, model.config)
+        folder = hub.save_pt_safetensors(tmp_path / name, model.params, model.config)
         loaded = load_model(str(folder))
         batch = copy_batch(1)
         a, b = _base(model, batch), _base(model, batch, loaded.params)

@@ -23,7 +23,7 @@ def llama_dir(tmp_path_factory):
     from transformers import LlamaConfig
 
     from flax_lora import demo
-    from flax_lora.models import hf
+    from flax_lora.models import hub
     from flax_lora.models.decoder import causal_lm_from_config
 
     d = tmp_path_factory.mktemp("llama")
@@ -31,7 +31,7 @@ def llama_dir(tmp_path_factory):
                       num_key_value_heads=2, vocab_size=32, max_position_embeddings=64, initializer_range=0.2,
                       bos_token_id=1, eos_token_id=1, pad_token_id=0)
     model = causal_lm_from_config(cfg, seed=0)
-    hf.save_pt_safetensors(d / "model", model.params, cfg)
+    hub.save_pt_safetensors(d / "model", model.params, cfg)
     demo.save_tokenizer(demo.build_tokenizer(), d / "model")
     (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in demo.make_rows(96, 0)))
     return d
