@@ -144,7 +144,7 @@ def dequantize(packed: jax.Array, scales: tuple, dtype) -> jax.Array:
     return vals.reshape(lead + (n_in, n_out)).astype(dtype)
 
 
-def _encode_kernel(kernel: jax.Array, conv1d: bool, double_quant: bool) -> dict:
+def encode_kernel(kernel: jax.Array, conv1d: bool, double_quant: bool) -> dict:
     """One kernel's stored leaves (see the module docstring); leading stacked dims are
     encoded one layer at a time (``lax.map``) so the float32 temporaries stay one layer big."""
     w = jnp.swapaxes(kernel, -1, -2) if conv1d else kernel
@@ -163,7 +163,7 @@ def _encode_kernel(kernel: jax.Array, conv1d: bool, double_quant: bool) -> dict:
     return {k: v.reshape(lead + v.shape[1:]) for k, v in out.items()}
 
 
-_encode_jit = jax.jit(_encode_kernel, static_argnums=(1, 2))
+_encode_jit = jax.jit(encode_kernel, static_argnums=(1, 2))
 
 
 def quantize_params(params: Mapping, conv1d_paths: Iterable[str] = (), skip: Iterable[str] = SKIP, *,

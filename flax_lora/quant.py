@@ -19,6 +19,7 @@ and :func:`frozen_call` picks the forward of a quantized linear for the intercep
 from __future__ import annotations
 
 import contextlib
+import functools
 from functools import partial
 from typing import Iterable, Mapping
 
@@ -47,20 +48,81 @@ def quantize_kernel(kernel: jax.Array, out_axis: int) -> tuple[jax.Array, jax.Ar
 def quantize_params(params: Mapping, conv1d_paths: Iterable[str] = (), skip: Iterable[str] = SKIP) -> dict:
     """``params`` with linear kernels in int8 plus ``kernel_scale`` (see module docstring).
 
-    ``conv1d_paths``: module paths whose kernel is [out, in] (GPT-2's Conv1D).
+    ``conv1d_paths``: module paths whose kernel is [out, in] (GPT-2's Conv1D). Each kernel goes
+    through the same compiled function as :func:`leaf_quantizer` (loading by shards) uses.
     """
     conv1d = {tuple(p.split("/")) for p in conv1d_paths}
     skip = tuple(skip)
     out = {}
     for key, x in flatten_dict(dict(params)).items():
         mod = key[:-1]
-        if key[-1] == "kernel" and x.ndim >= 2 and not any(s in mod for s in skip):
-            q, s = quantize_kernel(x, out_axis=-2 if mod in conv1d else -1)
-            out[key] = q
-            out[mod + (SCALE,)] = s
+        if quantizes(key, x.shape, "int8", mod in conv1d, skip):
+            out.update({mod + (k,): v for k, v in _quantizer("int8", mod in conv1d)(x).items()})
         else:
             out[key] = x
     return unflatten_dict(out)
+
+
+def quantizes(path: tuple[str, ...], shape: tuple[int, ...], method: str, conv1d: bool = False,
+              skip: Iterable[str] = SKIP) -> bool:
+    """Whether the leaf at ``path`` is a linear kernel that ``method`` stores quantized: every
+    kernel but the skipped (the head); NF4 also needs an even block of inputs (nf4.block_size)."""
+    if method == "none" or path[-1] != "kernel" or len(shape) < 2 or any(s in path[:-1] for s in skip):
+        return False
+    if method == "int8":
+        return True
+    from flax_lora import nf4
+
+    return nf4.block_size(shape[-1 if conv1d else -2]) is not None
+
+
+def _quantize_leaf(x: jax.Array, method: str, conv1d: bool) -> dict:
+    """One kernel's stored leaves by name (``kernel`` and its scales) in ``method``'s format."""
+    if method == "int8":
+        q, s = quantize_kernel(x, out_axis=-2 if conv1d else -1)
+        return {"kernel": q, SCALE: s}
+    from flax_lora import nf4
+
+    return nf4.encode_kernel(x, conv1d, method == "nf4-dq")
+
+
+@functools.lru_cache(maxsize=None)
+def _quantizer(method: str, conv1d: bool, out_shardings: tuple | None = None):
+    """The compiled :func:`_quantize_leaf` (one per format and output placement; jit's own cache
+    then keeps one program per kernel shape, so stacked or per-layer kernels compile once)."""
+    fn = partial(_quantize_leaf, method=method, conv1d=conv1d)
+    return jax.jit(fn, out_shardings=dict(out_shardings)) if out_shardings else jax.jit(fn)
+
+
+def leaf_quantizer(method: str, sharding_for=None, conv1d_paths: Iterable[str] = ()):
+    """``transform(path, leaf) -> {path: array}`` for :func:`flax_lora.models.weights.load_params`:
+    a linear kernel in ``method``'s format the moment it is loaded, anything else unchanged
+    (None for ``none``). So the float kernels never all exist at once.
+
+    ``sharding_for(path, shape)`` places the stored leaves. The quantization runs where the
+    kernel's shards are: a kernel split along its output axis (what
+    :meth:`flax_lora.training.parallel.DataParallel.sharding_for` picks when it divides) is
+    quantized by each device on its own columns with no communication, and the result equals the
+    whole kernel's bit for bit: int8 scales are per output column, NF4's absmax per 64 input rows
+    of one column. nf4-dq's per-layer mean and groups of 256 absmax values span columns: XLA
+    gathers those small arrays (1/64 of the weights). A kernel split along its input axis (the
+    output axis did not divide) is still exact: XLA reduces the scales across the shards.
+    """
+    if method == "none":
+        return None
+    conv1d = {tuple(p.split("/")) for p in conv1d_paths}
+
+    def transform(path, leaf):
+        mod = path[:-1]
+        if not quantizes(path, tuple(leaf.shape), method, mod in conv1d):
+            return {path: leaf}
+        placed = None
+        if sharding_for is not None:
+            shapes = jax.eval_shape(partial(_quantize_leaf, method=method, conv1d=mod in conv1d), leaf)
+            placed = tuple(sorted((k, sharding_for(mod + (k,), tuple(v.shape))) for k, v in shapes.items()))
+        return {mod + (k,): v for k, v in _quantizer(method, mod in conv1d, placed)(leaf).items()}
+
+    return transform
 
 
 def is_quantized(module: nn.Module) -> bool:

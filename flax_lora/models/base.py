@@ -48,6 +48,7 @@ class CausalLM:
     source: str  # Hub id or local folder (or "demo")
     dtype: Any = jnp.float32  # compute dtype of the frozen weights and matmuls
     layers_stacked: bool = False  # params (and adapters) hold the decoder layers stacked [L, ...] (scan)
+    linear_shapes: Any = None  # abstract float params to find the linears on (params quantized while loading)
     takes_position_ids: bool = field(init=False)
     takes_segment_ids: bool = field(init=False)  # can train packed rows (attention confined per example)
 
@@ -104,7 +105,8 @@ class CausalLM:
                             self.source, self.dtype)
             return discover_linears(lambda p: flat.logits({"params": p}, ids, jnp.ones_like(ids)),
                                     param_shapes(flat.module))
-        return discover_linears(lambda p: self.logits({"params": p}, ids, jnp.ones_like(ids)), self.params)
+        shapes = self.params if self.linear_shapes is None else self.linear_shapes
+        return discover_linears(lambda p: self.logits({"params": p}, ids, jnp.ones_like(ids)), shapes)
 
     def stack_lora(self, lora):
         """A per-layer adapter tree in this model's layout (stacked [L, ...] when the layers scan).

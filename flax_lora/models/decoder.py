@@ -475,15 +475,17 @@ def load_config(path):
 
 
 def load_decoder(path_or_config, dtype=jnp.float32, param_dtype=jnp.float32, *, scan: bool = False,
-                 remat: bool = False, seed: int = 0, config=None):
+                 remat: bool = False, seed: int = 0, config=None, placement=None):
     """(module, params, config) from a PyTorch safetensors checkpoint dir, or a config (random init).
 
     Params are in ``param_dtype``, stacked when ``scan`` (every layer alike); ``config`` overrides the
-    directory's config.json.
+    directory's config.json. A checkpoint is read leaf by leaf straight into the model's layout
+    (:func:`flax_lora.models.weights.load_params`); ``placement`` (a
+    :class:`flax_lora.training.parallel.FrozenPlan`) decides from the shapes where each leaf lives
+    (sharded over the devices: each reads only its slice) and quantizes it as it is made.
     """
     from pathlib import Path
 
-    from flax_lora.models.base import param_shapes
     from flax_lora.models.stacking import stack_layers
 
     from_dir = isinstance(path_or_config, (str, Path))
@@ -494,28 +496,41 @@ def load_decoder(path_or_config, dtype=jnp.float32, param_dtype=jnp.float32, *, 
     check_config(config)
     scan = scan and len(set(layer_specs(config))) == 1
     module = DecoderLM(config, dtype=dtype, param_dtype=param_dtype, scan=scan, remat=remat)
-    flat_module = module.clone(scan=False, remat=False)
     if from_dir:
-        from flax_lora.models.weights import read_checkpoint, torch_to_flax
-
-        params = torch_to_flax(read_checkpoint(path_or_config), param_shapes(flat_module), dtype=param_dtype)
-        params = jax.tree_util.tree_map(jnp.asarray, params)
-    else:
-        ids = jnp.zeros((1, 1), jnp.int32)
-        params = jax.jit(flat_module.init)(jax.random.PRNGKey(seed), ids)["params"]
+        return module, _read_params(path_or_config, module, placement), config
+    ids = jnp.zeros((1, 1), jnp.int32)
+    params = jax.jit(module.clone(scan=False, remat=False).init)(jax.random.PRNGKey(seed), ids)["params"]
     if scan:
         params = stack_layers(params, config.num_hidden_layers)
     return module, params, config
 
 
-def load_causal_lm(source: str, config=None, *, dtype=jnp.float32, scan: bool = False, remat: bool = False):
-    """Registry loader: a Hub id or folder -> ``CausalLM`` (frozen params in the compute dtype)."""
-    from flax_lora.models.base import CausalLM
+def _read_params(folder, module, placement):
+    """``module``'s params read from ``folder`` in its own layout (stacked when it scans)."""
+    from flax_lora.models.base import param_shapes
+    from flax_lora.models.weights import load_params
+
+    template = param_shapes(module)
+    if placement is None:
+        return load_params(folder, template, dtype=module.param_dtype)
+    placement.decide(template)
+    return load_params(folder, template, dtype=module.param_dtype, sharding_for=placement.sharding_for,
+                       transform=placement.transform)
+
+
+def load_causal_lm(source: str, config=None, *, dtype=jnp.float32, scan: bool = False, remat: bool = False,
+                   placement=None):
+    """Registry loader: a Hub id or folder -> ``CausalLM`` (frozen params in the compute dtype,
+    placed and quantized as ``placement`` says; see :func:`load_decoder`)."""
+    from flax_lora.models.base import CausalLM, param_shapes
     from flax_lora.models.hub import resolve
 
     folder = resolve(source)
-    module, params, config = load_decoder(folder, dtype, dtype, scan=scan, remat=remat, config=config)
-    return CausalLM(module, params, config, config.model_type, source, dtype, layers_stacked=module.scan)
+    module, params, config = load_decoder(folder, dtype, dtype, scan=scan, remat=remat, config=config,
+                                          placement=placement)
+    shapes = None if module.scan else param_shapes(module)  # linears are found on the float shapes
+    return CausalLM(module, params, config, config.model_type, source, dtype, layers_stacked=module.scan,
+                    linear_shapes=shapes)
 
 
 def causal_lm_from_config(config, *, dtype=jnp.float32, seed: int = 0, source: str = "config"):

@@ -34,13 +34,17 @@ FROM_CONFIG: dict[str, Callable[..., CausalLM]] = {
 }
 
 
-def load_model(source: str, *, dtype=jnp.float32, config=None, scan: bool = False, remat: bool = False) -> CausalLM:
+def load_model(source: str, *, dtype=jnp.float32, config=None, scan: bool = False, remat: bool = False,
+               placement=None) -> CausalLM:
     """Load a causal LM from a Hub id or a local folder, frozen weights cast to ``dtype``.
 
     ``scan``: run the decoder layers as one scanned layer (one layer to compile, not L) where
     the family's loader can (the ports); elsewhere it is ignored (``layers_stacked`` says
     which). ``remat``: recompute each layer's activations in the backward pass (gradient
-    checkpointing); a family without it is a UserError.
+    checkpointing); a family without it is a UserError. ``placement``
+    (:class:`flax_lora.training.parallel.FrozenPlan`): where the frozen leaves are made and in what
+    format, for a loader that reads by leaves (the decoder port); any other loader ignores it and
+    ``placement.decided`` stays False (the caller places the whole params afterwards).
     """
     config = config if config is not None else load_config(source)
     loader = REGISTRY.get(config.model_type, hf.load_hf)
@@ -53,6 +57,8 @@ def load_model(source: str, *, dtype=jnp.float32, config=None, scan: bool = Fals
             raise UserError(f"gradient checkpointing (--remat) is not available for model type {config.model_type!r} "
                             f"(transformers' Flax class has none); it is for {', '.join(PORT_TYPES)}")
         kwargs["remat"] = True
+    if placement is not None and "placement" in takes:
+        kwargs["placement"] = placement
     return loader(source, config, dtype=dtype, **kwargs)
 
 

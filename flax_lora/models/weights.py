@@ -22,9 +22,10 @@ embeddings is filled from the embedding.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import ml_dtypes
 import numpy as np
@@ -77,15 +78,28 @@ def read_safetensors_metadata(path: str | Path) -> dict[str, str] | None:
     return _header(Path(path))[1].get("__metadata__")
 
 
-def read_safetensors_file(path: str | Path) -> dict[str, np.ndarray]:
-    """All tensors of one ``.safetensors`` file as (memory-mapped, read-only) numpy arrays.
+class TensorRef(NamedTuple):
+    """Where one tensor of a safetensors file lies: file, dtype, shape, offset of its first byte."""
+
+    file: Path
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    offset: int  # from the start of the file
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def tensor_refs(path: str | Path) -> dict[str, TensorRef]:
+    """Every tensor of one ``.safetensors`` file, from its header alone (no tensor data is read).
 
     A truncated or garbled file is a UserError naming it.
     """
     path = Path(path)
     n, header = _header(path)
     header.pop("__metadata__", None)
-    mm = np.memmap(path, dtype=np.uint8, mode="r") if header else np.zeros(0, np.uint8)
+    data = path.stat().st_size - 8 - n
     out = {}
     for name, info in header.items():
         try:
@@ -93,12 +107,25 @@ def read_safetensors_file(path: str | Path) -> dict[str, np.ndarray]:
             if dtype is None:
                 raise UserError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
             start, end = info["data_offsets"]
-            if not 0 <= start <= end <= len(mm) - 8 - n:
+            shape = tuple(int(d) for d in info["shape"])
+            if not 0 <= start <= end <= data:
                 raise UserError(f"{path}: tensor {name} lies past the end of the file (truncated?)")
-            out[name] = mm[8 + n + start : 8 + n + end].view(dtype).reshape(info["shape"])
+            if end - start != math.prod(shape) * dtype.itemsize:
+                raise ValueError(f"{end - start} bytes for shape {list(shape)} in {info['dtype']}")
+            out[name] = TensorRef(path, dtype, shape, 8 + n + start)
         except (KeyError, TypeError, ValueError) as exc:
             raise UserError(f"{path}: tensor {name} is malformed ({type(exc).__name__}: {exc})") from None
     return out
+
+
+def read_safetensors_file(path: str | Path) -> dict[str, np.ndarray]:
+    """All tensors of one ``.safetensors`` file as (memory-mapped, read-only) numpy arrays.
+
+    A truncated or garbled file is a UserError naming it.
+    """
+    refs = tensor_refs(path)
+    mm = np.memmap(path, dtype=np.uint8, mode="r") if refs else np.zeros(0, np.uint8)
+    return {name: mm[r.offset:r.offset + r.nbytes].view(r.dtype).reshape(r.shape) for name, r in refs.items()}
 
 
 def checkpoint_files(directory: str | Path) -> list[Path]:
@@ -120,26 +147,113 @@ def read_checkpoint(directory: str | Path) -> dict[str, np.ndarray]:
     return tensors
 
 
-def safetensors_bytes(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> bytes:
-    """Serialise numpy tensors (bfloat16 included) in the safetensors format."""
+def checkpoint_refs(directory: str | Path) -> dict[str, TensorRef]:
+    """Where every tensor of a checkpoint directory (single file or sharded) lies; headers only."""
+    refs: dict[str, TensorRef] = {}
+    for f in checkpoint_files(directory):
+        refs.update(tensor_refs(f))
+    return refs
+
+
+READ_CHUNK_BYTES = 16 * 2**20  # rows read at a time when a slice is not one contiguous range
+
+
+def _bounds(index, shape: tuple[int, ...]) -> list[tuple[int, int]]:
+    """(start, stop) per dimension of ``index`` (slices with step 1, as shard indices are; None: all)."""
+    index = tuple(index or ()) + (slice(None),) * (len(shape) - len(tuple(index or ())))
+    out = []
+    for s, n in zip(index, shape):
+        start, stop, step = s.indices(n)
+        if step != 1:
+            raise ValueError(f"slice {s} has step {step}; shards are contiguous")
+        out.append((start, max(start, stop)))
+    return out
+
+
+def read_slice(ref: TensorRef, index=None, dtype=None, *, transpose: bool = False) -> np.ndarray:
+    """``ref[index]`` in ``dtype`` (None: the file's), or ``ref.T[index]`` with ``transpose`` (2-D),
+    read from the file without mapping it.
+
+    Only the rows of axis 0 that the index covers are read (one contiguous byte range of the
+    file), :data:`READ_CHUNK_BYTES` at a time; a slice of the other axes is cut from each chunk.
+    So the host holds the result and one chunk, never the whole tensor. Why not a memory map:
+    its pages count in the process's resident memory for as long as it is mapped.
+    """
+    if transpose and len(ref.shape) != 2:
+        raise ValueError(f"transpose needs a 2-D tensor, got shape {ref.shape}")
+    shape = ref.shape
+    bounds = _bounds(index[::-1] if transpose and index is not None else index, shape)
+    out_shape = tuple(b - a for a, b in bounds)
+    out = np.empty(out_shape[::-1] if transpose else out_shape, np.dtype(dtype) if dtype is not None else ref.dtype)
+    if out.size == 0:
+        return out
+    (r0, r1), rest = bounds[0], tuple(slice(a, b) for a, b in bounds[1:])
+    row_bytes = math.prod(shape[1:]) * ref.dtype.itemsize
+    step = max(1, READ_CHUNK_BYTES // max(row_bytes, 1))
+    with open(ref.file, "rb", buffering=0) as f:
+        for s in range(r0, r1, step):
+            e = min(r1, s + step)
+            chunk = np.empty((e - s,) + shape[1:], ref.dtype)
+            f.seek(ref.offset + s * row_bytes)
+            if f.readinto(chunk.view(np.uint8).reshape(-1)) != chunk.nbytes:
+                raise UserError(f"{ref.file}: ends inside a tensor (truncated?)")
+            part = chunk[(slice(None),) + rest]
+            if transpose:
+                out[:, s - r0:e - r0] = part.T
+            else:
+                out[s - r0:e - r0] = part
+    return out
+
+
+def _layout(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None) -> tuple[bytes, list[str]]:
+    """(the 8-byte length + padded JSON header, tensor names in file order) of a safetensors file."""
     header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
-    offset, blobs = 0, []
-    for name in sorted(tensors):
-        arr = np.ascontiguousarray(tensors[name])
-        if arr.dtype not in _NAMES:
+    offset, names = 0, sorted(tensors)
+    for name in names:
+        arr = tensors[name]
+        if np.dtype(arr.dtype) not in _NAMES:
             raise ValueError(f"{name}: cannot store dtype {arr.dtype}")
-        blob = arr.tobytes()
-        header[name] = {"dtype": _NAMES[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + len(blob)]}
-        blobs.append(blob)
-        offset += len(blob)
+        size = int(np.prod(arr.shape)) * np.dtype(arr.dtype).itemsize
+        header[name] = {"dtype": _NAMES[np.dtype(arr.dtype)], "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw + b"".join(blobs)
+    return struct.pack("<Q", len(raw)) + raw, names
+
+
+def safetensors_bytes(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> bytes:
+    """Serialise numpy tensors (bfloat16 included) in the safetensors format."""
+    head, names = _layout(tensors, metadata)
+    return head + b"".join(np.ascontiguousarray(tensors[n]).tobytes() for n in names)
+
+
+def _write_safetensors(path: Path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None) -> None:
+    """Write one safetensors file atomically, a tensor at a time (no copy of the whole file in
+    memory): a temporary file beside ``path``, fsync, rename."""
+    import os
+    import tempfile
+
+    head, names = _layout(tensors, metadata)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(head)
+            for name in names:
+                f.write(np.ascontiguousarray(tensors[name]).view(np.uint8).reshape(-1).data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def write_checkpoint(directory: str | Path, tensors: Mapping[str, np.ndarray], max_shard_bytes: int = 5 * 2**30) -> list[Path]:
-    """Write ``model.safetensors`` (or shards + index past ``max_shard_bytes``) atomically."""
-    from advisor.io import atomic_write_bytes, atomic_write_json
+    """Write ``model.safetensors`` (or shards + index past ``max_shard_bytes``) atomically, each
+    file streamed a tensor at a time."""
+    from advisor.io import atomic_write_json
 
     directory = Path(directory)
     shards: list[dict[str, np.ndarray]] = [{}]
@@ -153,12 +267,12 @@ def write_checkpoint(directory: str | Path, tensors: Mapping[str, np.ndarray], m
         size += nbytes
     meta = {"format": "pt"}
     if len(shards) == 1:
-        atomic_write_bytes(directory / SINGLE, safetensors_bytes(shards[0], meta))
+        _write_safetensors(directory / SINGLE, shards[0], meta)
         return [directory / SINGLE]
     names, weight_map = [], {}
     for i, shard in enumerate(shards, 1):
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        atomic_write_bytes(directory / fname, safetensors_bytes(shard, meta))
+        _write_safetensors(directory / fname, shard, meta)
         weight_map.update({k: fname for k in shard})
         names.append(directory / fname)
     total = sum(t.nbytes for t in tensors.values())
@@ -217,6 +331,102 @@ def torch_to_flax(
                 f"the model expects {tuple(spec.shape)} for {'/'.join(path)}"
             )
         out[path] = np.ascontiguousarray(_cast(value, dtype if dtype is not None else None))
+    return unflatten_dict(out)
+
+
+# ----------------------------------------------------------------------------- loading by slices
+
+
+class LeafSource(NamedTuple):
+    """The checkpoint tensors one Flax leaf is made of: one, or one per layer (stacked [L, ...])."""
+
+    keys: tuple[str, ...]
+    transpose: bool  # a 2-D kernel: the Flax leaf is the torch tensor transposed
+    stacked: bool
+
+
+def _find_key(refs: Mapping, path: tuple[str, ...]) -> tuple[str | None, bool, str]:
+    """(checkpoint key or None, transpose?, the key asked for) of one per-layer Flax path."""
+    key, transpose = torch_key(path)
+    short = key.split(".", 1)[1] if "." in key else key  # saved from the base model (gpt2: h.0...)
+    return next((k for k in (key, short) if k in refs), None), transpose, key
+
+
+def _source(refs: Mapping, path: tuple[str, ...], shape: tuple[int, ...],
+            tied_embedding: tuple[str, ...] | None) -> LeafSource:
+    """The :class:`LeafSource` of one Flax leaf, its shape checked (a UserError names what is wrong)."""
+    from flax_lora.models.stacking import STACK
+
+    at = path.index(STACK) if STACK in path else None
+    layers = [path[:at] + (str(i),) + path[at + 1:] for i in range(shape[0])] if at is not None else [path]
+    want = shape[1:] if at is not None else shape
+    keys, transpose = [], False
+    for p in layers:
+        found, transpose, key = _find_key(refs, p)
+        if found is None and p[-2:] == ("lm_head", "kernel") and tied_embedding is not None:
+            found, transpose, key = _find_key(refs, tied_embedding)
+            transpose, key = True, key + " (tied lm_head)"
+        if found is None:
+            raise UserError(f"checkpoint has no tensor {key} (for Flax parameter {'/'.join(p)})")
+        got = refs[found].shape
+        got = got[::-1] if transpose and len(got) == 2 else got
+        if tuple(got) != tuple(want):
+            raise UserError(f"checkpoint tensor {found} has shape {tuple(got)}, the model expects {tuple(want)} "
+                            f"for {'/'.join(p)}")
+        keys.append(found)
+    return LeafSource(tuple(keys), transpose and len(refs[keys[0]].shape) == 2, at is not None)
+
+
+def read_leaf(refs: Mapping[str, TensorRef], src: LeafSource, index=None, dtype=None) -> np.ndarray:
+    """The slice ``index`` (Flax layout) of one leaf, read from its checkpoint tensors: a stacked
+    leaf reads only the layers (and within each only the rows) the slice covers."""
+    if not src.stacked:
+        return read_slice(refs[src.keys[0]], index, dtype, transpose=src.transpose)
+    index = tuple(index or ())
+    first = index[0] if index else slice(None)
+    start, stop, _ = first.indices(len(src.keys))
+    out = None
+    for j, i in enumerate(range(start, stop)):  # filled layer by layer: no second copy of the slice
+        part = read_slice(refs[src.keys[i]], index[1:] or None, dtype, transpose=src.transpose)
+        if out is None:
+            out = np.empty((stop - start,) + part.shape, part.dtype)
+        out[j] = part
+    if out is None:
+        raise ValueError(f"empty layer slice {first} of {len(src.keys)} layers")
+    return out
+
+
+def load_params(directory: str | Path, template: Mapping, *, dtype=None, tied_embedding=None,
+                sharding_for: Callable | None = None, transform: Callable | None = None) -> dict:
+    """A params tree shaped like ``template`` read from a PyTorch safetensors checkpoint directory,
+    each leaf created directly where it lives.
+
+    ``template``: abstract params (``jax.ShapeDtypeStruct`` leaves) in the model's layout, stacked
+    layers (``.../stack/...`` [L, ...]) included. ``sharding_for(path, shape)``: the sharding of
+    a leaf, or None for a plain device array; with a sharding every device receives only its
+    slice (``jax.make_array_from_callback``) and this process reads only its devices' byte
+    ranges (:func:`read_leaf`). ``transform(path, array) -> {path: array}`` replaces a leaf
+    right after it is made (e.g. quantization), so the float leaves never all exist at once.
+    Every source is checked before anything is read: a missing tensor or a wrong shape is a
+    UserError on every process before any collective starts.
+    """
+    import jax
+
+    refs = checkpoint_refs(directory)
+    flat = flatten_dict(dict(template))
+    sources = {path: _source(refs, path, tuple(spec.shape), tied_embedding) for path, spec in flat.items()}
+    out = {}
+    for path, spec in flat.items():
+        src = sources[path]
+        dt = np.dtype(dtype) if dtype is not None else refs[src.keys[0]].dtype
+        sharding = sharding_for(path, tuple(spec.shape)) if sharding_for is not None else None
+        if sharding is None:
+            leaf = jax.device_put(read_leaf(refs, src, None, dt))
+        else:
+            leaf = jax.make_array_from_callback(tuple(spec.shape), sharding,
+                                                lambda idx, src=src, dt=dt: read_leaf(refs, src, idx, dt), dtype=dt)
+        out.update(transform(path, leaf) if transform is not None else {path: leaf})
+        del leaf
     return unflatten_dict(out)
 
 

@@ -41,6 +41,8 @@ class Setup:
     reports: dict[str, RowReport]  # "train" / "eval"
     init_lora: Any = None  # from --adapter
     template_origin: str | None = None  # where a chat's template came from
+    dp: Any = None  # flax_lora.training.parallel.DataParallel with several devices (the frozen weights' mesh)
+    notes: tuple[str, ...] = ()  # how the frozen weights were placed, to say once
 
 
 def sources(cfg: RunConfig, rd: RunDir) -> Sources:
@@ -99,21 +101,28 @@ def _examples(cfg: RunConfig, rows, fmt: Format, tokenizer, template: str | None
 
 
 def _model(cfg: RunConfig, src: Sources):
-    """(model, tokenizer, linears): frozen weights in the run's precision, int8 when asked."""
+    """(model, tokenizer, linears, plan): frozen weights in the run's precision and format (int8 /
+    nf4 when asked), placed on the devices as :class:`~flax_lora.training.parallel.FrozenPlan`
+    decides: the port reads each leaf straight into its shards and quantizes it there; a loader
+    that reads whole (transformers' Flax classes) is quantized and placed afterwards."""
     import jax.numpy as jnp
 
     from flax_lora.models import load_model, load_tokenizer
+    from flax_lora.training.parallel import FrozenPlan
 
     dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[cfg.precision]
     tokenizer = load_tokenizer(src.model)
-    model = load_model(src.model, dtype=dtype, scan=True, remat=cfg.remat)  # scan where the family can
-    linears = model.linears()  # found on the float weights (an nf4 kernel has another shape)
-    if cfg.quantization != "none":
+    plan = FrozenPlan(shard=cfg.shard_frozen, quantization=cfg.quantization)
+    model = load_model(src.model, dtype=dtype, scan=True, remat=cfg.remat, placement=plan)  # scan where it can
+    linears = model.linears()  # found on the float shapes (an nf4 kernel has another shape)
+    if not plan.decided:
         from flax_lora.quant import quantize_as
 
         conv1d = [p for p, i in linears.items() if i.kind == "conv1d"]
         model.params = quantize_as(model.params, cfg.quantization, conv1d)
-    return model, tokenizer, linears
+        plan.decide(model.params, quantized=True)
+        model.params = plan.place(model.params)
+    return model, tokenizer, linears, plan
 
 
 def _targets(cfg: RunConfig, model, linears):
@@ -135,7 +144,7 @@ def build(cfg: RunConfig, rd: RunDir, *, with_train: bool = True) -> Setup:
     """Load and check everything ``cfg`` names (``with_train=False``: the eval set only)."""
     src = sources(cfg, rd)
     train_rows, eval_rows, fmt, reports = _rows(cfg, src)
-    model, tokenizer, linears = _model(cfg, src)
+    model, tokenizer, linears, plan = _model(cfg, src)
     template, template_origin = None, None
     if fmt.kind == "chat":
         from advisor.templates import choose
@@ -145,7 +154,7 @@ def build(cfg: RunConfig, rd: RunDir, *, with_train: bool = True) -> Setup:
     eval_ex = _examples(cfg, eval_rows, fmt, tokenizer, template, reports.get("eval", reports["train"]))
     targets, lora_cfg, init = _targets(cfg, model, linears)
     return Setup(cfg, src, model, tokenizer, fmt, train_ex, eval_ex, linears, targets, lora_cfg, reports, init,
-                 template_origin)
+                 template_origin, plan.dp, tuple(plan.notes(model.params)))
 
 
 def load_run(run_dir: str | Path, *, data: str | None = None):

@@ -117,6 +117,7 @@ class Resolved(_Frozen):
     processes: int
     device_kind: str
     frozen_sharded: bool
+    frozen_bytes_per_device: int | None = None  # the most frozen-weight bytes any one device holds
     effective_batch_size: int
     steps_per_epoch: int
     total_steps: int

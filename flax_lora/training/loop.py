@@ -294,16 +294,6 @@ def _report_data(s: Setup, rd: RunDir, primary: bool) -> None:
     rd.write_json(rd.data_report, {name: report_json(rep, s.cfg.on_bad_row) for name, rep in s.reports.items()})
 
 
-def _frozen_too_big(params, share: float = 0.5) -> bool:
-    """True when a full copy of the frozen weights would take over ``share`` of one device's
-    memory (then they are split over the devices; devices without memory stats: never)."""
-    import jax
-
-    limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
-    size = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
-    return bool(limit) and size > share * limit
-
-
 def _place(cfg: RunConfig, rd: RunDir, s: Setup, resuming: bool, signals: Signals, say, show: bool) -> Job:
     """Data parallel over every visible device: batches, frozen weights and state placed, the job built."""
     import jax
@@ -313,7 +303,7 @@ def _place(cfg: RunConfig, rd: RunDir, s: Setup, resuming: bool, signals: Signal
     from flax_lora.lora import init_lora
     from flax_lora.perf.flops import model_flops_fn
     from flax_lora.training.checkpoint import Checkpoints
-    from flax_lora.training.parallel import DataParallel
+    from flax_lora.training.parallel import bytes_per_device
     from flax_lora.training.report import make_writers
 
     n_dev, nproc, pid = jax.device_count(), jax.process_count(), jax.process_index()
@@ -321,10 +311,9 @@ def _place(cfg: RunConfig, rd: RunDir, s: Setup, resuming: bool, signals: Signal
     if before is not None and before.devices != n_dev:
         raise UserError(f"--resume: {rd.path} was trained on {before.devices} device(s), {n_dev} are visible now; "
                         "the batches would differ. Resume with the same device count")
-    shard = cfg.shard_frozen or (n_dev > 1 and _frozen_too_big(s.model.params))
-    if shard and not cfg.shard_frozen and n_dev > 1:
-        say(f"lora: the frozen weights take over half of a device's memory: splitting them over the {n_dev} devices")
-    dp = DataParallel(shard_frozen=shard) if n_dev > 1 else None
+    dp = s.dp  # the frozen weights are already placed on its mesh (build: FrozenPlan)
+    for note in s.notes:
+        say(f"lora: {note}")
     global_batch = cfg.batch_size * n_dev
     batches = Batches(s.train_examples, global_batch, cfg.grad_accum, cfg.seed, cfg.max_length, s.tokenizer.pad_id,
                       packing=s.model.check_packing(cfg.packing))  # --packing with a family that cannot: UserError
@@ -336,7 +325,8 @@ def _place(cfg: RunConfig, rd: RunDir, s: Setup, resuming: bool, signals: Signal
         model_type=s.model.model_type, scan_layers=s.model.layers_stacked, data_format=s.data_format.describe(),
         train_examples=len(s.train_examples), eval_examples=len(s.eval_examples), targets=tuple(sorted(s.targets)),
         scaling=s.lora_cfg.scaling, devices=n_dev, processes=nproc, device_kind=jax.devices()[0].device_kind,
-        frozen_sharded=bool(dp and shard), effective_batch_size=cfg.batch_size * cfg.grad_accum * n_dev,
+        frozen_sharded=bool(dp and dp.shard_frozen), frozen_bytes_per_device=bytes_per_device(s.model.params),
+        effective_batch_size=cfg.batch_size * cfg.grad_accum * n_dev,
         steps_per_epoch=batches.steps_per_epoch, total_steps=cfg.max_steps or cfg.epochs * batches.steps_per_epoch)
     return Job(
         cfg=cfg, rd=rd, setup=s, resolved=resolved, resuming=resuming, batches=batches,

@@ -60,13 +60,37 @@ def init_distributed(coordinator: str | None = None, num_processes: int | None =
     return False
 
 
-def _fsdp_spec(shape: tuple[int, ...], n: int, stacked: bool) -> P:
-    """Split the largest dimension divisible by ``n`` (never the scanned layer axis); else replicate."""
+def _fsdp_spec(shape: tuple[int, ...], n: int, stacked: bool, prefer: int | None = None) -> P:
+    """Split dimension ``prefer`` when ``n`` divides it, else the largest dimension divisible by
+    ``n`` (never the scanned layer axis); else replicate."""
     dims = [i for i in range(1 if stacked else 0, len(shape)) if shape[i] % n == 0 and shape[i] >= n]
     if n == 1 or not dims:
         return P()
-    best = max(dims, key=lambda i: shape[i])
+    best = prefer if prefer in dims else max(dims, key=lambda i: shape[i])
     return P(*[DATA if i == best else None for i in range(len(shape))])
+
+
+# Leaves stored with the output axis last, split along it: the torch weight's rows (one contiguous
+# byte range per shard to read), and per-column int8 / NF4 scales stay on the device of their column.
+OUTPUT_LAST = ("kernel", "kernel_scale", "kernel_absmax")
+
+
+def _stacked(path: tuple[str, ...]) -> bool:
+    from flax_lora.models.stacking import STACK
+
+    return STACK in path
+
+
+def _preferred_axis(path: tuple[str, ...], ndim: int) -> int:
+    """The axis to split first: a kernel's output axis (the torch weight's axis 0), else the
+    first axis (after the layers): the torch tensor's axis 0 too, so every shard is a row range."""
+    if path and path[-1] in OUTPUT_LAST:
+        return ndim - 1
+    return 1 if _stacked(path) else 0
+
+
+def _keys(tree_path) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in tree_path)
 
 
 @dataclass
@@ -86,16 +110,30 @@ class DataParallel:
     def n_devices(self) -> int:
         return self.mesh.size
 
+    def sharding_for(self, path: tuple[str, ...], shape: tuple[int, ...]) -> NamedSharding:
+        """The sharding of the frozen leaf at ``path`` (names) of ``shape``: replicated, or with
+        ``shard_frozen`` split along one dimension (:func:`_preferred_axis` when the device count
+        divides it, else the largest it divides; none: replicated, see :meth:`replicated_leaves`)."""
+        if not self.shard_frozen:
+            return self.replicated
+        spec = _fsdp_spec(tuple(shape), self.n_devices, _stacked(path), _preferred_axis(path, len(shape)))
+        return NamedSharding(self.mesh, spec)
+
     def frozen_shardings(self, frozen):
         """Per-leaf shardings of the frozen params (replicated, or FSDP-split)."""
+        return jax.tree_util.tree_map_with_path(lambda p, x: self.sharding_for(_keys(p), tuple(x.shape)), frozen)
+
+    def replicated_leaves(self, frozen) -> list[tuple[str, int]]:
+        """(path, bytes) of the leaves ``shard_frozen`` could not split: no dimension (besides the
+        layer axis) divisible by the device count. Empty without ``shard_frozen``."""
         if not self.shard_frozen:
-            return jax.tree_util.tree_map(lambda _: self.replicated, frozen)
-
-        def spec(path, x):
-            stacked = any(getattr(k, "key", None) == "stack" for k in path)
-            return NamedSharding(self.mesh, _fsdp_spec(tuple(x.shape), self.n_devices, stacked))
-
-        return jax.tree_util.tree_map_with_path(spec, frozen)
+            return []
+        out = []
+        for p, x in jax.tree_util.tree_flatten_with_path(frozen)[0]:
+            path, shape = _keys(p), tuple(x.shape)
+            if len(shape) > (1 if _stacked(path) else 0) and self.sharding_for(path, shape).spec == P():
+                out.append(("/".join(path), int(np.prod(shape)) * np.dtype(x.dtype).itemsize))
+        return out
 
     def put_frozen(self, frozen):
         return _put(frozen, self.frozen_shardings(frozen))
@@ -122,6 +160,104 @@ class DataParallel:
             out_shardings=(self.replicated, self.replicated),
             donate_argnums=(0,),
         )
+
+
+MEMORY_ENV = "LORA_DEVICE_MEMORY_GB"  # a device of this many GiB (tests and planning; a CPU reports none)
+TOO_BIG_SHARE = 0.5  # frozen weights past this share of a device's memory are split automatically
+
+
+def device_bytes_limit() -> int | None:
+    """One device's memory in bytes: ``LORA_DEVICE_MEMORY_GB`` when set (simulates a device of that
+    size), else what the first local device reports (None where it reports nothing, e.g. a CPU)."""
+    if os.environ.get(MEMORY_ENV):
+        try:
+            return int(float(os.environ[MEMORY_ENV]) * 2**30)
+        except ValueError:
+            raise UserError(f"{MEMORY_ENV}={os.environ[MEMORY_ENV]!r}: expected a number of GiB") from None
+    return (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+
+
+def tree_bytes(tree) -> int:
+    """Bytes of every leaf of ``tree`` (arrays or ``jax.ShapeDtypeStruct``)."""
+    return int(sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree)))
+
+
+def bytes_per_device(tree) -> int:
+    """The most bytes of ``tree`` that any one of this process's devices holds (its shards of
+    split leaves, whole copies of the others)."""
+    per: dict[Any, int] = {}
+    for x in jax.tree_util.tree_leaves(tree):
+        if not isinstance(x, jax.Array):
+            return tree_bytes(tree)  # host arrays: not placed yet
+        for shard in x.addressable_shards:
+            per[shard.device] = per.get(shard.device, 0) + shard.data.nbytes
+    return max(per.values(), default=0)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
+
+
+@dataclass
+class FrozenPlan:
+    """Where the frozen weights go, decided from their shapes before any is read.
+
+    A loader that takes a ``placement`` (:func:`flax_lora.models.weights.load_params`, through the
+    ports' loaders) calls :meth:`decide` with the abstract float params, then creates each leaf
+    with :meth:`sharding_for` and passes it through :meth:`transform` (quantization, per leaf).
+    Split over the devices (``DataParallel(shard_frozen=True)``) when ``shard`` (--shard-frozen)
+    or when a full copy in the run's format would take over :data:`TOO_BIG_SHARE` of one device's
+    memory; replicated on several devices otherwise; as plain arrays on one device.
+    """
+
+    shard: bool = False  # --shard-frozen
+    quantization: str = "none"
+    conv1d: tuple[str, ...] = ()  # module paths whose kernel is [out, in] (GPT-2's Conv1D)
+    dp: DataParallel | None = None
+    auto: bool = False  # split because a full copy would not fit, not because it was asked
+    decided: bool = False
+    frozen_bytes: int = 0  # a full copy, in the run's format
+
+    def decide(self, params, quantized: bool = False) -> None:
+        """Choose the placement for ``params`` (abstract or real; ``quantized``: already in the
+        run's format, else priced after quantization without computing it)."""
+        from flax_lora.quant import quantize_as
+
+        final = params if quantized else jax.eval_shape(lambda p: quantize_as(p, self.quantization, self.conv1d), params)
+        self.frozen_bytes = tree_bytes(final)
+        n = jax.device_count()
+        limit = device_bytes_limit()
+        self.auto = n > 1 and not self.shard and bool(limit) and self.frozen_bytes > TOO_BIG_SHARE * limit
+        self.dp = DataParallel(shard_frozen=self.shard or self.auto) if n > 1 else None
+        self.decided = True
+
+    def sharding_for(self, path: tuple[str, ...], shape: tuple[int, ...]):
+        """A leaf's sharding (None on one device: a plain device array)."""
+        return self.dp.sharding_for(path, shape) if self.dp is not None else None
+
+    def transform(self, path: tuple[str, ...], leaf) -> dict:
+        """``{path: leaf}``, or the leaf's quantized form in the run's format, placed like the rest."""
+        from flax_lora.quant import leaf_quantizer
+
+        quantize = leaf_quantizer(self.quantization, self.sharding_for if self.dp is not None else None, self.conv1d)
+        return quantize(path, leaf) if quantize is not None else {path: leaf}
+
+    def place(self, params):
+        """Params a loader made whole (one that takes no placement) put where :meth:`decide` said."""
+        return self.dp.put_frozen(params) if self.dp is not None else params
+
+    def notes(self, params) -> list[str]:
+        """What to tell the user once: an automatic split, and the leaves that stay whole."""
+        out = []
+        if self.auto:
+            out.append(f"the frozen weights ({_mb(self.frozen_bytes)}) take over half of a device's memory "
+                       f"({_mb(device_bytes_limit())}): splitting them over the {self.dp.n_devices} devices")
+        whole = self.dp.replicated_leaves(params) if self.dp is not None else []
+        if whole:
+            names = ", ".join(p for p, _ in whole[:3]) + (", ..." if len(whole) > 3 else "")
+            out.append(f"{len(whole)} frozen tensor(s) have no dimension divisible by {self.dp.n_devices} devices and "
+                       f"stay whole on each ({names}; {_mb(sum(b for _, b in whole))})")
+        return out
 
 
 def _put(tree, shardings):
