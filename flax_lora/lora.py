@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from flax_lora.errors import UserError
+from flax_lora.matmul import matmul
 
 LORA = "lora"  # variable collection that holds the adapter
 DROPOUT_RNG = "lora_dropout"  # rng stream for dropout on the LoRA input path
@@ -160,7 +161,7 @@ def make_interceptor(scaling: float, dropout: float = 0.0, deterministic: bool =
             keep = jax.random.bernoulli(module.make_rng(DROPOUT_RNG), 1.0 - dropout, x.shape)
             x = jnp.where(keep, x / (1.0 - dropout), 0).astype(x.dtype)
         dtype = y.dtype
-        delta = (x.astype(dtype) @ a.astype(dtype)) @ b.astype(dtype)
+        delta = matmul(matmul(x.astype(dtype), a.astype(dtype)), b.astype(dtype))
         return y + (scaling * delta).astype(dtype)
 
     return intercept

@@ -4,7 +4,8 @@ built like it, each difference a field of :class:`Family`.
 Families: llama (Llama 2/3/3.1/3.2, SmolLM2, TinyLlama), mistral, qwen2, qwen3 (per-head q/k
 RMSNorm), gemma (Gemma 1: (1 + w) RMSNorm, scaled embedding, GELU-tanh, tied), gemma2
 (soft-capping, alternating sliding windows, pre+post norms, (1 + w) RMSNorm, scaled embedding,
-GELU-tanh, ``query_pre_attn_scalar``), gemma3_text (Gemma 2's layout, q/k norms, local/global rope per layer), phi3 (fused ``qkv_proj`` / ``gate_up_proj``, partial rotary,
+GELU-tanh, ``query_pre_attn_scalar``), gemma3_text (Gemma 2's layout, q/k norms, local/global
+rope per layer), phi3 (fused ``qkv_proj`` / ``gate_up_proj``, partial rotary,
 longrope; Phi-4-mini), smollm3 (layers without rope), olmo2 (norms after attention and MLP, q/k
 norms over the full projections). Rotary embeddings: :mod:`flax_lora.models.rope`.
 
@@ -34,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from flax_lora import matmul
 from flax_lora.errors import UserError
 from flax_lora.models import rope as R
 from flax_lora.models.stacking import STACK
@@ -171,7 +173,7 @@ class RMSNorm(nn.Module):
 
 
 def _dense(features, bias, dtype, param_dtype, config, name):
-    return nn.Dense(features, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
+    return nn.Dense(features, use_bias=bias, dtype=dtype, param_dtype=param_dtype, dot_general=matmul.dot_general,
                     kernel_init=nn.initializers.normal(config.initializer_range), name=name)
 
 
@@ -281,12 +283,12 @@ def _explicit_attention(q, k, v, allowed, scale, softcap, dtype):
     b, t, nh, hd = q.shape
     nkv = k.shape[2]
     q = q.reshape(b, t, nkv, nh // nkv, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    scores = matmul.einsum("btkgd,bskd->bkgts", q, k, jnp.float32) * scale
     if softcap is not None:
         scores = jnp.tanh(scores / softcap) * softcap
     scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return matmul.einsum("bkgts,bskd->btkgd", probs, v, dtype)
 
 
 class MLP(nn.Module):

@@ -1,0 +1,107 @@
+"""Dense matmuls in bf16 that stay on XLA:CPU's native bf16 path, forward and backward.
+
+XLA:CPU compiles a ``bf16 x bf16 -> bf16`` dot as two converts of the operands to float32 and a
+float32 dot: the compiled HLO shows ``convert`` fusions feeding a ``__ynn_fusion`` dot whose
+parameters are f32. The same dot asked for a float32 result (``preferred_element_type``) runs
+on the bf16 operands directly, which on CPUs with AVX512-BF16 is the fast path. Autodiff of
+``dot(..., preferred_element_type=f32).astype(bf16)`` would hand the backward dots a float32
+cotangent and upcast them again, so :func:`dense` carries its own VJP whose backward dots also
+take bf16 operands and accumulate in float32. Values are those of the plain bf16 dot (XLA
+accumulates in float32 either way and rounds once to bf16).
+
+:func:`dot_general` is what the port's ``nn.Dense`` layers and the LoRA path call: it takes this
+route for bf16 on the CPU backend and is ``lax.dot_general`` everywhere else (GPUs run bf16 dots
+natively). ``LORA_BF16_DOTS=xla`` turns it off, to compare (``benchmarks/bench.py``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_BF16 = jnp.dtype(jnp.bfloat16)
+
+
+def native_bf16(*dtypes) -> bool:
+    """Whether dots on these operand dtypes take :func:`dense`'s route (bf16 on XLA:CPU)."""
+    return (all(jnp.dtype(d) == _BF16 for d in dtypes) and jax.default_backend() == "cpu"
+            and os.environ.get("LORA_BF16_DOTS") != "xla")
+
+
+def _dot(a, b, contract_a, contract_b, dtype):
+    dims = ((contract_a, contract_b), ((), ()))
+    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32).astype(dtype)
+
+
+@jax.custom_vjp
+def dense(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x[..., in] @ w[in, out]`` in ``x``'s dtype with float32 accumulation (see the module doc)."""
+    return _dot(x, w, (x.ndim - 1,), (0,), x.dtype)
+
+
+def _dense_fwd(x, w):
+    return dense(x, w), (x, w)
+
+
+def _dense_bwd(res, g):
+    x, w = res
+    g = g.astype(x.dtype)
+    dx = _dot(g, w, (g.ndim - 1,), (1,), x.dtype)  # g @ w.T
+    lead = tuple(range(x.ndim - 1))
+    dw = _dot(x, g, lead, lead, w.dtype)  # x.T @ g over every leading axis; unused for frozen kernels
+    return dx, dw
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """``lax.dot_general`` for ``nn.Dense(dot_general=...)``: a Dense-shaped bf16 dot on the CPU
+    goes through :func:`dense`, anything else straight to XLA."""
+    (contract_l, contract_r), batch = dimension_numbers
+    dense_shaped = (tuple(contract_l) == (lhs.ndim - 1,) and tuple(contract_r) == (0,) and rhs.ndim == 2
+                    and batch == ((), ()) and preferred_element_type is None)
+    if dense_shaped and native_bf16(lhs.dtype, rhs.dtype):
+        return dense(lhs, rhs)
+    return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                           preferred_element_type=preferred_element_type)
+
+
+def einsum(spec: str, a: jax.Array, b: jax.Array, out_dtype=None) -> jax.Array:
+    """``jnp.einsum(spec, a, b)``, the result in ``out_dtype`` (default ``a``'s dtype); bf16 operands on the CPU keep bf16 operands in the backward dots too (the
+    cotangent rounded to bf16 first, as flash attention rounds its score gradients). ``spec``
+    has two operands and no index that only one term carries (attention's contractions)."""
+    out_dtype = jnp.dtype(out_dtype or a.dtype)
+    if native_bf16(a.dtype, b.dtype):
+        return _einsum(spec, out_dtype, a, b)
+    return jnp.einsum(spec, a, b, preferred_element_type=None if out_dtype == a.dtype else out_dtype)
+
+
+def _einsum_plain(spec, out_dtype, a, b):
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+_einsum = jax.custom_vjp(_einsum_plain, nondiff_argnums=(0, 1))
+
+
+def _einsum_fwd(spec, out_dtype, a, b):
+    return _einsum_plain(spec, out_dtype, a, b), (a, b)
+
+
+def _einsum_bwd(spec, out_dtype, res, g):
+    a, b = res
+    ins, out = spec.split("->")
+    sa, sb = ins.split(",")
+    g = g.astype(a.dtype)
+    return (_einsum_plain(f"{out},{sb}->{sa}", a.dtype, g, b), _einsum_plain(f"{sa},{out}->{sb}", b.dtype, a, g))
+
+
+_einsum.defvjp(_einsum_fwd, _einsum_bwd)
+
+
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x @ w`` for a 2-D ``w`` (the LoRA path's A and B), through :func:`dense` where it applies."""
+    return dense(x, w) if native_bf16(x.dtype, w.dtype) else x @ w

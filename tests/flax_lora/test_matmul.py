@@ -1,0 +1,95 @@
+"""bf16 matmuls on XLA:CPU: same values as the plain dots, and bf16 operands in every compiled dot."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flax_lora import matmul as M
+
+pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="the bf16 route is for XLA:CPU")
+
+
+def dot_operand_types(hlo: str) -> list[tuple[str, ...]]:
+    """The element types of every ``dot`` instruction's operands in compiled HLO text."""
+    types, out = {}, []
+    for line in hlo.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\w+)\[", line)
+        if m:
+            types[m.group(1)] = m.group(2)
+        d = re.search(r" dot\(%?([\w.\-]+), %?([\w.\-]+)\)", line)
+        if d:
+            out.append((types.get(d.group(1), "?"), types.get(d.group(2), "?")))
+    return out
+
+
+def _inputs(dtype=jnp.bfloat16):
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
+    return (jax.random.normal(k1, (2, 5, 16), dtype), jax.random.normal(k2, (16, 8), dtype),
+            jax.random.normal(k3, (2, 5, 8), jnp.float32))
+
+
+def test_dense_equals_the_plain_bf16_dot_forward_and_backward():
+    x, w, t = _inputs()
+
+    def loss(x, w, dot):
+        return jnp.sum(dot(x, w).astype(jnp.float32) * t)
+
+    np.testing.assert_array_equal(np.asarray(M.dense(x, w), np.float32), np.asarray(x @ w, np.float32))
+    ours, plain = jax.grad(loss, (0, 1))(x, w, M.dense), jax.grad(loss, (0, 1))(x, w, lambda a, b: a @ b)
+    for a, b in zip(ours, plain):
+        assert a.dtype == b.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def test_the_compiled_backward_keeps_bf16_operands():
+    x, w, t = _inputs()
+
+    def loss(x, w, dot):
+        return jnp.sum(dot(x, w).astype(jnp.float32) * t)
+
+    ours = jax.jit(jax.grad(loss, (0, 1)), static_argnums=2).lower(x, w, M.dense).compile().as_text()
+    plain = jax.jit(jax.grad(loss, (0, 1)), static_argnums=2).lower(x, w, lambda a, b: a @ b).compile().as_text()
+    assert dot_operand_types(ours) and all(ops == ("bf16", "bf16") for ops in dot_operand_types(ours))
+    assert ("f32", "f32") in dot_operand_types(plain)  # what the route avoids: XLA:CPU upcasts bf16 dots
+
+
+def test_einsum_matches_float32_reference_within_bf16_rounding():
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(1), 3)
+    q = jax.random.normal(k1, (2, 6, 2, 3, 8), jnp.bfloat16)
+    k = jax.random.normal(k2, (2, 6, 2, 8), jnp.bfloat16)
+    t = jax.random.normal(k3, (2, 2, 3, 6, 6), jnp.float32)
+    spec = "btkgd,bskd->bkgts"
+
+    def loss(q, k, f):
+        return jnp.sum(f(q, k) * t)
+
+    ours = jax.value_and_grad(loss, (0, 1))(q, k, lambda a, b: M.einsum(spec, a, b, jnp.float32))
+    ref = jax.value_and_grad(loss, (0, 1))(q.astype(jnp.float32), k.astype(jnp.float32),
+                                           lambda a, b: jnp.einsum(spec, a, b))
+    np.testing.assert_allclose(float(ours[0]), float(ref[0]), rtol=1e-5)
+    for a, b in zip(ours[1], ref[1]):
+        assert a.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b), rtol=0.05, atol=0.1)
+
+
+def test_float32_and_opt_out_take_plain_dots(monkeypatch):
+    x, w, _ = _inputs(jnp.float32)
+    assert not M.native_bf16(x.dtype, w.dtype)
+    assert M.native_bf16(jnp.bfloat16, jnp.bfloat16)
+    monkeypatch.setenv("LORA_BF16_DOTS", "xla")
+    assert not M.native_bf16(jnp.bfloat16, jnp.bfloat16)
+
+
+@pytest.mark.slow
+def test_the_bf16_train_step_has_no_float32_dot():
+    """The whole train step (tiny Llama shape, LoRA on q/k/v/o, fused loss): every dot of the
+    compiled program, forward and backward, takes bf16 operands (issue 14's cause of slow bf16)."""
+    from flax_lora.perf.compiled import compile_step, parse_case
+
+    ops = dot_operand_types(compile_step(parse_case("tiny:2:32:bf16")).as_text())
+    assert ops and all(o == ("bf16", "bf16") for o in ops), sorted(set(ops))
