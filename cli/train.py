@@ -134,7 +134,7 @@ def train(advice_file, model, data, eval_data, split, eval_split, packing, outpu
 def _plan(advice_file, model, data, output, overrides, resume):
     """(run config, advice JSON to record or None, note): a resume needs only the run folder; a new
     run takes the advice file, or asks the advisor for this model and data."""
-    from flax_lora.training.config import advice_for, config_for_resume, config_from_advice
+    from flax_lora.training.config import advice_for, config_for_resume, config_from_advice, precision_note
     from flax_lora.training.rundir import RunDir
 
     if resume and model is None and data is None and not advice_file and RunDir(output).exists():
@@ -143,7 +143,8 @@ def _plan(advice_file, model, data, output, overrides, resume):
     advice, note = ((_load_advice(advice_file), None) if advice_file
                     else advice_for(model, data, overrides.get("split"), **reading))
     cfg = config_from_advice(advice, model=model, data=data, output=output, overrides=overrides)
-    return cfg, advice.to_json(), note
+    notes = [n for n in (note, precision_note(cfg, overrides)) if n]
+    return cfg, advice.to_json(), "; ".join(notes) or None
 
 
 @click.command("eval")

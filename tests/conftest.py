@@ -67,9 +67,11 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session", autouse=True)
 def _offline():
-    """No Hub retries: tests never reach the network."""
+    """No Hub retries: tests never reach the network. CPU runs train in fp32 whatever the CPU
+    (``lora train`` would pick bf16 on CPUs with bf16 dots): results do not depend on the machine."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["HF_DATASETS_OFFLINE"] = "1"
+    os.environ.setdefault("LORA_CPU_PRECISION", "fp32")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -12,6 +12,7 @@ not config: it is recorded in ``resolved.json`` (:class:`Resolved`).
 from __future__ import annotations
 
 from pathlib import Path
+import os
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -159,6 +160,40 @@ def _on_accelerator() -> bool:
     return jax.default_backend() != "cpu"
 
 
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # bf16 dot instructions XLA:CPU's bf16 dots use
+
+
+def cpu_flags(path: str = "/proc/cpuinfo") -> set[str]:
+    """The CPU feature flags Linux reports (empty elsewhere)."""
+    try:
+        with open(path) as f:
+            return {flag for line in f if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+    except OSError:
+        return set()
+
+
+def cpu_precision(flags: set[str] | None = None) -> tuple[str, str]:
+    """(precision, why) for training on this CPU: bf16 where the CPU has bf16 dot instructions,
+    where it is the faster one (figures in benchmarks/RESULTS.md), else fp32, which is faster
+    than bf16 emulated with float32 arithmetic. ``LORA_CPU_PRECISION=fp32|bf16`` pins the choice
+    (the test suite pins fp32, so its figures do not depend on the machine's CPU)."""
+    pinned = os.environ.get("LORA_CPU_PRECISION")
+    if pinned in ("fp32", "bf16"):
+        return pinned, f"precision {pinned}: set by LORA_CPU_PRECISION"
+    flags = cpu_flags() if flags is None else flags
+    have = [f for f in BF16_CPU_FLAGS if f in flags]
+    if have:
+        return "bf16", f"precision bf16: this CPU has {'/'.join(f.upper() for f in have)}, where bf16 steps are faster than fp32 (--precision fp32 to change)"
+    return "fp32", "precision fp32: this CPU has no bf16 dot instructions (AVX512-BF16/AMX-BF16), where fp32 is faster"
+
+
+def precision_note(cfg, overrides: dict[str, Any]) -> str | None:
+    """The line saying which precision a CPU run picked and why; None when it was given or on an accelerator."""
+    if cfg.demo or overrides.get("precision") or _on_accelerator():
+        return None
+    return cpu_precision()[1]
+
+
 def _is_demo(model: str | None, data: str | None) -> bool:
     if (model is None) != (data is None):
         raise UserError("give both --model and --data, or neither (the built-in demo)")
@@ -183,8 +218,10 @@ def config_from_advice(advice: Advice, *, model: str | None, data: str | None, o
 
         values.update(adapter_settings(given["adapter"]))
     values.update(given)
-    if is_demo or not _on_accelerator():
-        values["precision"] = given.get("precision") or "fp32"  # CPU: fp32 unless asked
+    if is_demo:  # fp32 everywhere: the README's demo figures hold on every machine
+        values["precision"] = given.get("precision") or "fp32"
+    elif not _on_accelerator():
+        values["precision"] = given.get("precision") or cpu_precision()[0]
     return make(RunConfig, dict(values, model=local_path(model) if model else "demo",
                                 data=local_path(data) if data else "demo", output=str(output), demo=is_demo))
 

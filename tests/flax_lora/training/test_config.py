@@ -105,3 +105,34 @@ def test_resume_may_change_only_the_resumable_fields(tmp_path):
     with pytest.raises(UserError, match="holds a different run \\(r was"):
         config_for_resume(cfg, "r", {"r": cfg.r * 2})
     assert "learning_rate" in RESUMABLE and "r" not in RESUMABLE
+
+
+def test_a_cpu_run_picks_bf16_only_where_the_cpu_has_bf16_dots(tmp_path, monkeypatch):
+    from flax_lora.training.config import cpu_flags, cpu_precision
+
+    monkeypatch.delenv("LORA_CPU_PRECISION", raising=False)
+    assert cpu_precision({"avx2", "avx512f", "avx512_bf16"})[0] == "bf16"
+    assert cpu_precision({"amx_bf16"})[0] == "bf16"
+    precision, why = cpu_precision({"avx2", "fma"})
+    assert precision == "fp32" and "no bf16 dot instructions" in why
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_bf16\n\nprocessor\t: 1\nflags\t\t: fpu avx2 avx512_bf16\n")
+    assert cpu_flags(str(info)) == {"fpu", "avx2", "avx512_bf16"}
+    assert cpu_flags(str(tmp_path / "missing")) == set()
+    monkeypatch.setenv("LORA_CPU_PRECISION", "bf16")
+    assert cpu_precision({"avx2"})[0] == "bf16"
+
+
+def test_the_cpu_precision_reaches_the_config_and_is_said_once(tmp_path, monkeypatch):
+    from flax_lora.training.config import precision_note
+
+    data = _data(tmp_path)
+    advice = advise(data=str(data), vram_gb=16, model="gpt2")
+    monkeypatch.setenv("LORA_CPU_PRECISION", "bf16")
+    cfg = config_from_advice(advice, model="gpt2", data=str(data), output=str(tmp_path / "r"), overrides={})
+    assert cfg.precision == "bf16" and "LORA_CPU_PRECISION" in precision_note(cfg, {})
+    given = {"precision": "fp32"}
+    cfg = config_from_advice(advice, model="gpt2", data=str(data), output=str(tmp_path / "r"), overrides=given)
+    assert cfg.precision == "fp32" and precision_note(cfg, given) is None
+    demo = config_from_advice(advice, model=None, data=None, output=str(tmp_path / "d"), overrides={})
+    assert demo.precision == "fp32" and precision_note(demo, {}) is None
