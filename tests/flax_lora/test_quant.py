@@ -61,9 +61,9 @@ def test_llama_logits_close_and_linears_four_times_smaller(scan):
 def test_gpt2_conv1d_quantized_matches():
     from transformers import GPT2Config
 
-    from flax_lora.models import hf
+    from flax_lora.models.gpt2 import causal_lm_from_config
 
-    model = hf.from_config(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=32,
+    model = causal_lm_from_config(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=32,
                                       initializer_range=0.2))
     conv = [p for p, i in model.linears().items() if i.kind == "conv1d"]
     qparams = quantize_params(model.params, conv1d_paths=conv)
@@ -74,6 +74,7 @@ def test_gpt2_conv1d_quantized_matches():
     assert float(jnp.abs(got - ref).max() / jnp.abs(ref).max()) < 2e-2
 
 
+@pytest.mark.slow
 def test_lora_on_quantized_weights_adds_the_same_delta_and_trains():
     from flax_lora.targets import resolve_targets
     from flax_lora.training.step import OptimConfig, init_state, make_optimizer, make_schedule, make_train_step

@@ -134,6 +134,7 @@ def test_shape_mismatch_names_the_tensor(tmp_path):
         torch_to_flax(read_checkpoint(FIXTURES / "llama_theta_gqa_headdim"), param_shapes(DecoderLM(config)))
 
 
+@pytest.mark.slow
 def test_lora_under_remat_and_scan():
     """The LoRA interceptor reaches Dense layers inside nn.remat and nn.scan (stacked adapter)."""
     from flax_lora.lora import discover_linears, init_lora, lora_active, select_targets

@@ -77,7 +77,7 @@ def _reshape(batch, k):
     return {key: v.reshape(k, v.shape[0] // k, *v.shape[1:]) for key, v in batch.items()}
 
 
-@pytest.mark.parametrize("k", [2, 4])
+@pytest.mark.parametrize("k", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_accumulation_equals_one_big_batch(tiny_models, k):
     model = tiny_models["llama"]
     _, _, lora = _setup(model)
