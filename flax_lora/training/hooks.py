@@ -136,6 +136,42 @@ class Throughput:
                 "devices": self.n_devices, "first_step_seconds": round(self.first_step_seconds, 1)}
 
 
+class Clock:
+    """Where a run's wall time goes: loading (model, data, placement), evaluation, the first step.
+
+    ``time_to_first_step_seconds`` is what a user waits before training runs: load + the
+    evaluation before training + trace, compile and run of the first step.
+    """
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {"load": 0.0, "eval": 0.0, "eval_before": 0.0, "first_step": 0.0}
+
+    @contextlib.contextmanager
+    def section(self, name: str):
+        start = time.time()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.time() - start
+
+    def first_step_row(self, step: int, first_step_seconds: float) -> dict[str, Any]:
+        """The ``metrics.jsonl`` row written once the first step is done."""
+        self.seconds["first_step"] = first_step_seconds
+        s = self.seconds
+        return {"event": "first_step", "step": step,
+                "time_to_first_step_seconds": round(s["load"] + s["eval_before"] + first_step_seconds, 2),
+                "load_seconds": round(s["load"], 2), "eval_before_seconds": round(s["eval_before"], 2),
+                "compile_and_first_step_seconds": round(first_step_seconds, 2)}
+
+    def summary(self, wall_seconds: float) -> dict[str, Any]:
+        """eval.json's timing figures: time to the first step, and evaluation's share of the wall time."""
+        s = self.seconds
+        evals = s["eval"] + s["eval_before"]
+        return {"time_to_first_step_seconds": round(s["load"] + s["eval_before"] + s["first_step"], 1),
+                "load_seconds": round(s["load"], 1), "eval_seconds": round(evals, 2),
+                "eval_share": round(evals / wall_seconds, 3) if wall_seconds > 0 else None}
+
+
 class Log:
     """Where logged rows go: the run's ``metrics.jsonl``, the ``--report-to`` writers, the progress bar."""
 

@@ -25,7 +25,7 @@ from typing import Any, Callable
 from flax_lora.errors import Interrupted, UserError
 from flax_lora.training.build import Setup, build
 from flax_lora.training.config import Resolved, RunConfig
-from flax_lora.training.hooks import DivergenceGuard, Log, Pending, Saver, Throughput, due, step_of
+from flax_lora.training.hooks import Clock, DivergenceGuard, Log, Pending, Saver, Throughput, due, step_of
 from flax_lora.training.rundir import RunDir
 from flax_lora.training.signals import Signals
 
@@ -33,9 +33,11 @@ from flax_lora.training.signals import Signals
 def train(cfg: RunConfig, *, resume: bool = False, advice_json: str | None = None, quiet: bool = False,
           note: str | None = None) -> dict[str, Any]:
     """Run (or resume) training into ``cfg.output``; returns eval.json's content."""
-    t0 = time.time()
+    t0, clock = time.time(), Clock()
     with Signals() as signals:
-        job = prepare(cfg, resume=resume, advice_json=advice_json, quiet=quiet, note=note, signals=signals)
+        with clock.section("load"):
+            job = prepare(cfg, resume=resume, advice_json=advice_json, quiet=quiet, note=note, signals=signals)
+        job.clock = clock
         try:
             result = fit(job)
         finally:
@@ -49,11 +51,13 @@ def fit(job: "Job") -> dict[str, Any]:
     # Start: a fresh adapter or the resumed checkpoint, and the evaluation before training.
     state, pos = job.start()
     step = start = job.step_of(state)
-    before = job.evaluate_before()
+    with job.clock.section("eval_before"):
+        before = job.evaluate_before()
     job.stop_if_signalled(state, pos, "before the first step")
     pending, guard = Pending(), DivergenceGuard()
     meter = Throughput(job.flops_per_token, job.resolved.device_kind, job.resolved.devices)
     log = job.log = Log(job.rd, job.writers, total, start, show=job.show_progress)
+    clock = job.clock
     batches = job.batches.iterate(pos)
     while step < total:
         # 1. One optimizer step, dispatched without waiting; at most one more stays in flight.
@@ -64,6 +68,7 @@ def fit(job: "Job") -> dict[str, Any]:
         meter.count(batch)
         if step == start + 1 and step < total:
             meter.first_step_done(metrics)  # compile time stays out of tokens/s
+            log.row(clock.first_step_row(step, meter.first_step_seconds))
         pending.wait_previous()
         last = step == total
         point = due(step, cfg.log_every) or due(step, cfg.save_every) or last
@@ -83,7 +88,7 @@ def fit(job: "Job") -> dict[str, Any]:
                 log.train(step, job.epoch(pos), fetched, meter.window())
         # 3. Eval point: the validation loss.
         if due(step, cfg.eval_every) and not last:
-            with meter.paused():
+            with meter.paused(), clock.section("eval"):
                 result = job.evaluator.loss(state.lora, job.frozen)
             job.saver.eval_loss = result["loss"]
             log.eval(step, job.epoch(pos), result)
@@ -97,7 +102,8 @@ def fit(job: "Job") -> dict[str, Any]:
     log.bar.close()
     job.stop_if_signalled(state, pos, "before the final evaluation")
     # End: the evaluation after training and a last checkpoint.
-    after = job.evaluator.evaluate(state.lora, job.frozen, cfg.rouge_examples)
+    with clock.section("eval"):
+        after = job.evaluator.evaluate(state.lora, job.frozen, cfg.rouge_examples)
     log.eval(step, job.epoch(pos), after)
     job.saver.eval_loss = after["loss"]
     job.saver.save(state, pos)
@@ -128,6 +134,7 @@ class Job:
     signals: Signals
     dp: Any = None  # flax_lora.training.parallel.DataParallel with several devices
     log: Log | None = None
+    clock: Clock = field(default_factory=Clock)
     step_fn: Callable = field(init=False)
     optimizer: Any = field(init=False)
 
@@ -214,12 +221,16 @@ class Job:
             save_adapter(self.rd.adapter, s.model.unstack_lora(to_host(state.lora), keep=s.targets), s.lora_cfg,
                          s.linears, target_modules=shortest_names(s.targets, s.linears),
                          base_model=self.resolved.model_path, model_type=s.model.model_type)
-        result = {**fitted, "wall_seconds": round(wall_seconds, 1)}
+        result = {**fitted, "wall_seconds": round(wall_seconds, 1), **self.clock.summary(wall_seconds)}
         self.rd.write_json(self.rd.eval, result)
         self.rd.plot()
         after = result["after"]
         self.say(f"lora: after training:  eval loss {after['loss']:.3f} (perplexity {after['perplexity']:.2f}), "
                  f"ROUGE-1/2/L {after.get('rouge1', 0):.3f}/{after.get('rouge2', 0):.3f}/{after.get('rougeL', 0):.3f}")
+        self.say(f"lora: time to first step {result['time_to_first_step_seconds']:.1f} s (load "
+                 f"{result['load_seconds']:.1f} s, compile and first step {fitted.get('first_step_seconds', 0):.1f} s); "
+                 f"evaluation {result['eval_seconds']:.1f} s of {wall_seconds:.1f} s wall "
+                 f"({100 * (result['eval_share'] or 0):.0f}%)")
         self.say(f"lora: wrote {self.rd.adapter}, {self.rd.metrics.name}, {self.rd.loss_png.name}, "
                  f"{self.rd.eval.name} in {self.rd.path}")
         return result

@@ -62,6 +62,10 @@ def test_demo_run_dir_is_complete_and_learns(demo_run):
     train_rows = [r for r in rows if "loss" in r]
     assert {"step", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_second"} <= set(train_rows[0])
     assert train_rows[-1]["step"] == 120 and any("eval_loss" in r for r in rows)
+    first = next(r for r in rows if r.get("event") == "first_step")
+    assert first["step"] == 1 and first["time_to_first_step_seconds"] == pytest.approx(
+        first["load_seconds"] + first["eval_before_seconds"] + first["compile_and_first_step_seconds"], abs=0.02)
+    assert 0 < ev["eval_share"] < 1 and ev["eval_seconds"] > 0 and ev["time_to_first_step_seconds"] < ev["wall_seconds"]
     cfg = json.loads((out / "run_config.json").read_text())
     resolved = json.loads((out / "resolved.json").read_text())
     assert cfg["demo"] and cfg["max_steps"] == 120 and resolved["total_steps"] == 120 and len(resolved["targets"]) == 8

@@ -13,8 +13,8 @@ import pytest
 
 from flax_lora.errors import Diverged
 from flax_lora.training.config import MAX_LR_HALVINGS
-from flax_lora.training.hooks import (DivergenceGuard, Log, Pending, Saver, Throughput, due, first_nonfinite,
-                                      fmt_lr)
+from flax_lora.training.hooks import (Clock, DivergenceGuard, Log, Pending, Saver, Throughput, due,
+                                      first_nonfinite, fmt_lr)
 from flax_lora.training.rundir import RunDir
 
 
@@ -170,3 +170,16 @@ def test_guard_halves_the_rate_and_rolls_back_at_most_three_times(tmp_path):
         guard.check(job, BAD, 0.5)
     retries = [r["retry"] for r in job.rd.read_metrics() if r.get("event") == "diverged" and "retry" in r]
     assert retries == [1, 2, 3] and json.loads(json.dumps(job.rd.read_metrics()))
+
+
+def test_clock_adds_load_eval_before_and_the_first_step_and_gives_evaluations_share():
+    clock = Clock()
+    clock.seconds.update(load=2.0, eval_before=1.0)  # as if the sections had run
+    with clock.section("eval"):
+        time.sleep(0.01)
+    row = clock.first_step_row(1, 3.0)
+    assert row["event"] == "first_step" and row["time_to_first_step_seconds"] == 6.0
+    assert (row["load_seconds"], row["eval_before_seconds"], row["compile_and_first_step_seconds"]) == (2.0, 1.0, 3.0)
+    summary = clock.summary(wall_seconds=20.0)
+    assert summary["time_to_first_step_seconds"] == 6.0
+    assert 1.0 < summary["eval_seconds"] < 1.5 and summary["eval_share"] == pytest.approx(summary["eval_seconds"] / 20, abs=1e-3)
