@@ -9,7 +9,8 @@ outputs not aliased to the donated state = the step's peak live bytes on the dev
 advisor's figure is compared without its fixed runtime context (CUDA/XLA context and
 workspaces, not part of what XLA allocates).
 
-A case is ``preset:batch:seq:precision[:int8][:remat][:noscan]`` (``noscan``: layers unrolled,
+A case is ``preset:batch:seq:precision[:int8|nf4|nf4-dq][:remat][:noscan]`` (preset: a benchmark
+shape, or any model of the advisor's catalog such as ``qwen3-0.6b``; ``noscan``: layers unrolled,
 as ``lora train`` loads models; default scan over layers, as the benchmarks run them).
 
 ``--gpu h200`` compiles for an H200 without one: XLA's deviceless GPU compile (jax with the

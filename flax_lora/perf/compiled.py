@@ -8,7 +8,8 @@ XLA's deviceless GPU compile, which needs jax with the CUDA plugin installed but
 GPU there is no cuDNN either: :func:`allow_cudnn_without_gpu` answers jax's cuDNN checks from
 the target so the port's flash attention can be compiled too.
 
-A case is ``preset:batch:seq:precision[:int8][:remat][:noscan]`` (:func:`parse_case`;
+A case is ``preset:batch:seq:precision[:int8|nf4|nf4-dq][:remat][:noscan]`` (:func:`parse_case`; preset: a
+``PRESETS`` shape or a model of the advisor's catalog;
 ``noscan``: layers unrolled, as ``lora train`` loads non-Llama models; default scan over layers,
 as the benchmarks run them).
 """
@@ -26,7 +27,7 @@ from flax_lora.lora import LoraConfig, init_lora
 from flax_lora.models.base import CausalLM, param_shapes
 from flax_lora.models.decoder import DecoderLM
 from flax_lora.models.stacking import stack_layers
-from flax_lora.perf.shapes import PRESETS, llama_config, target_linears
+from flax_lora.perf.shapes import PRESETS, bench_config, catalog_shape, target_linears
 from flax_lora.training.losses import default_chunk
 from flax_lora.training.step import OptimConfig, init_state, make_optimizer, make_schedule, make_train_step
 
@@ -95,9 +96,8 @@ def _abstract_params(case: dict, module, config, scan: bool):
 def compile_step(case: dict, device=None, r: int = 8, targets=ATTENTION):
     """The compiled train step of ``case`` on abstract arguments (no weights allocated), for the
     default backend or for ``device`` (a compile-only GPU from :func:`gpu_device`)."""
-    shape = PRESETS[case["preset"]]
     dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[case["precision"]]
-    config = llama_config(shape, case["seq"])
+    config = bench_config(case["preset"], case["seq"])
     scan = case.get("scan", True)
     module = DecoderLM(config, dtype=dtype, param_dtype=dtype, scan=scan, remat=case["remat"])
     chosen = target_linears(module, config, targets, dtype)
@@ -106,7 +106,7 @@ def compile_step(case: dict, device=None, r: int = 8, targets=ATTENTION):
     oc = OptimConfig(1e-4, total_steps=10)
     opt = make_optimizer(oc)
     state = jax.eval_shape(lambda lo: init_state(lo, opt, 0), lora)
-    model = CausalLM(module, params, config, "llama", "mem", dtype, layers_stacked=scan)
+    model = CausalLM(module, params, config, config.model_type, "mem", dtype, layers_stacked=scan)
     step = make_train_step(model, LoraConfig(r, 2 * r), opt, make_schedule(oc))
     ids = jax.ShapeDtypeStruct((1, case["batch"], case["seq"]), jnp.int32)
     batch = {"input_ids": ids, "attention_mask": ids, "loss_mask": ids}
@@ -141,4 +141,5 @@ def xla_peak(case: dict, r: int = 8, targets=ATTENTION, device=None) -> dict:
 def loss_chunks(case: dict) -> int:
     """Trips of the fused loss's chunk loop when every token is a target (the benchmark's batch)."""
     n = case["batch"] * (case["seq"] - 1)
-    return math.ceil(n / default_chunk(PRESETS[case["preset"]]["vocab"], n))
+    vocab = PRESETS[case["preset"]]["vocab"] if case["preset"] in PRESETS else catalog_shape(case["preset"]).vocab
+    return math.ceil(n / default_chunk(vocab, n))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 
-from flax_lora.perf.shapes import PRESETS, llama_params
+from flax_lora.perf.shapes import PRESETS, catalog_shape, llama_params
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -61,7 +61,9 @@ def advisor_gb(case: dict, r: int = 8, targets=ATTENTION, device: str = "cpu") -
     setup = Setup(r=r, targets=tuple(targets), batch=case["batch"], max_length=case["seq"],
                   precision=case["precision"], quantization=case["quantization"], remat=case["remat"],
                   scan=case.get("scan", True), device=device, attention="explicit" if explicit else "auto")
-    parts = breakdown(model_shape(PRESETS[case["preset"]], case["seq"], name=case["preset"]), setup)
+    preset = case["preset"]
+    shape = model_shape(PRESETS[preset], case["seq"], name=preset) if preset in PRESETS else catalog_shape(preset)
+    parts = breakdown(shape, setup)
     total = sum(parts.values()) / GIB
     return {"advisor_total_gb": total, "advisor_device_gb": total - RUNTIME_FIXED_GB,
             "advisor_parts_gb": {k: v / GIB for k, v in parts.items()}}

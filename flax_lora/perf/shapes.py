@@ -1,7 +1,8 @@
 """Benchmark model shapes and fast random frozen params for the project's Llama port.
 
 ``PRESETS`` are the Llama shapes the benchmarks run (SmolLM2-135M, Llama-3.2-1B, a tiny one for
-CPU tests); :func:`llama_config` turns one into a transformers ``LlamaConfig``.
+CPU tests); :func:`llama_config` turns one into a transformers ``LlamaConfig``, and
+:func:`bench_config` also takes any model of the advisor's catalog (the other families).
 
 :func:`random_params` gives a module's frozen params fast: the exact tree ``module.init`` gives
 (from ``jax.eval_shape``, so a scanned module gets its stacked leaves directly), each leaf
@@ -47,6 +48,39 @@ def llama_config(shape: dict, seq: int):
         max_position_embeddings=max(seq, 2048), tie_word_embeddings=shape["tied_embeddings"],
         rope_theta=shape["rope_theta"], initializer_range=0.02,
     )
+
+
+def family_config(model_shape, seq: int):
+    """A transformers config of a catalog model (an advisor ``ModelShape``: Qwen3, Gemma 2/3, Phi-3,
+    SmolLM3, OLMo 2, ...) for sequences of ``seq``: its real sizes, the family's own defaults for
+    the rest (soft-caps, sliding windows, norms), as ``AutoConfig.for_model`` gives them."""
+    from transformers import AutoConfig
+
+    s = model_shape
+    return AutoConfig.for_model(
+        s.model_type, vocab_size=s.vocab, hidden_size=s.hidden, intermediate_size=s.intermediate,
+        num_hidden_layers=s.n_layers, num_attention_heads=s.n_heads, num_key_value_heads=s.n_kv_heads,
+        head_dim=s.head_dim, max_position_embeddings=max(seq, 2048), tie_word_embeddings=s.tied_embeddings,
+        initializer_range=0.02, rope_scaling=None,
+    )
+
+
+def bench_config(preset: str, seq: int):
+    """The config of a benchmark case's model: a ``PRESETS`` Llama shape, or any model in the
+    advisor's catalog (by name or alias, e.g. ``qwen3-0.6b``, ``gemma2-2b``)."""
+    if preset in PRESETS:
+        return llama_config(PRESETS[preset], seq)
+    return family_config(catalog_shape(preset), seq)
+
+
+def catalog_shape(preset: str):
+    """The advisor's ``ModelShape`` of a catalog model; ValueError if the catalog lacks it."""
+    from advisor.catalog import lookup
+
+    shape = lookup(preset)
+    if shape is None:
+        raise ValueError(f"{preset!r} is neither a benchmark preset ({', '.join(PRESETS)}) nor in the advisor's catalog")
+    return shape
 
 
 def llama_params(shape: dict) -> int:
