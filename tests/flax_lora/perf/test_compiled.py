@@ -54,3 +54,15 @@ def test_xla_peak_of_the_compiled_step(text):
     out = compiled.xla_peak(compiled.parse_case(text), r=4)
     assert out["xla_peak_gb"] == pytest.approx(out["argument_gb"] + out["temp_gb"] + out["output_gb"] - out["alias_gb"])
     assert 0 < out["xla_peak_gb"] < 0.1 and out["compile_seconds"] > 0
+
+
+def test_a_catalog_model_is_a_case_preset_with_its_familys_config():
+    from flax_lora.perf.shapes import bench_config, catalog_shape
+
+    config = bench_config("gemma2-2b", 512)
+    shape = catalog_shape("gemma2-2b")
+    assert config.model_type == "gemma2" and (config.hidden_size, config.num_hidden_layers) == (shape.hidden, shape.n_layers)
+    assert config.head_dim == 256 and config.attn_logit_softcapping == 50.0  # the family's defaults are kept
+    assert bench_config("llama-1b", 128).model_type == "llama"
+    with pytest.raises(ValueError, match="neither a benchmark preset"):
+        catalog_shape("no-such-model-xyz")
