@@ -182,7 +182,9 @@ def read_slice(ref: TensorRef, index=None, dtype=None, *, transpose: bool = Fals
     if transpose and len(ref.shape) != 2:
         raise ValueError(f"transpose needs a 2-D tensor, got shape {ref.shape}")
     shape = ref.shape
-    bounds = _bounds(index[::-1] if transpose and index is not None else index, shape)
+    if transpose:  # an index into the transposed tensor: padded to both axes, then swapped
+        index = (tuple(index or ()) + (slice(None),) * 2)[:2][::-1]
+    bounds = _bounds(index, shape)
     out_shape = tuple(b - a for a, b in bounds)
     out = np.empty(out_shape[::-1] if transpose else out_shape, np.dtype(dtype) if dtype is not None else ref.dtype)
     if out.size == 0:
@@ -396,6 +398,23 @@ def read_leaf(refs: Mapping[str, TensorRef], src: LeafSource, index=None, dtype=
     return out
 
 
+def _put_by_device(shape: tuple[int, ...], sharding, read: Callable):
+    """A global array of ``shape`` in ``sharding`` from ``read(index)``, one local device at a time:
+    each slice is read, copied to its device and dropped before the next is read, so the host
+    holds one device's slice of one leaf (``jax.make_array_from_callback`` would first read every
+    local device's slice). Devices holding the same slice (a replicated leaf) share one read."""
+    import jax
+
+    arrays, last = [], (None, None)
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        key = tuple((s.start, s.stop) for s in index)
+        if last[0] != key:
+            last = (None, None)  # the previous slice goes before the next is read
+            last = (key, read(index))
+        arrays.append(jax.device_put(last[1], device).block_until_ready())  # copied before the slice goes
+    return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+
+
 def load_params(directory: str | Path, template: Mapping, *, dtype=None, tied_embedding=None,
                 sharding_for: Callable | None = None, transform: Callable | None = None) -> dict:
     """A params tree shaped like ``template`` read from a PyTorch safetensors checkpoint directory,
@@ -421,10 +440,9 @@ def load_params(directory: str | Path, template: Mapping, *, dtype=None, tied_em
         dt = np.dtype(dtype) if dtype is not None else refs[src.keys[0]].dtype
         sharding = sharding_for(path, tuple(spec.shape)) if sharding_for is not None else None
         if sharding is None:
-            leaf = jax.device_put(read_leaf(refs, src, None, dt))
+            leaf = jax.device_put(read_leaf(refs, src, None, dt)).block_until_ready()  # one host copy at a time
         else:
-            leaf = jax.make_array_from_callback(tuple(spec.shape), sharding,
-                                                lambda idx, src=src, dt=dt: read_leaf(refs, src, idx, dt), dtype=dt)
+            leaf = _put_by_device(tuple(spec.shape), sharding, lambda idx, src=src, dt=dt: read_leaf(refs, src, idx, dt))
         out.update(transform(path, leaf) if transform is not None else {path: leaf})
         del leaf
     return unflatten_dict(out)
