@@ -54,6 +54,8 @@ class Setup(NamedTuple):
     scan: bool | None = None  # layers as one scan; None: as `lora train` loads them (the port scans, others don't)
     device: str = "gpu"  # "cpu": XLA:CPU (benchmarks/memory_check.py), which has no flash and no relayout copy
     packing: bool = False  # lora train --packing: packed rows take explicit T^2 scores, also on GPUs (no flash)
+    gpus: int = 1
+    shard_frozen: bool = False  # lora train --shard-frozen: the frozen weights split over the gpus
 
 
 def trainable_params(shape: ModelShape, r: int, targets: tuple[str, ...]) -> int:
@@ -81,6 +83,32 @@ def frozen_weight_bytes(shape: ModelShape, precision: str, quantization: str) ->
     else:
         quantized = q_params * NF4_BYTES[quantization]
     return quantized + (shape.params - q_params) * dtype
+
+
+def layer_frozen_bytes(shape: ModelShape, precision: str, quantization: str) -> float:
+    """One decoder layer's linear weights in the run's format: what a split (FSDP) run gathers onto
+    every GPU while that layer computes. Norms are left out (a few hidden-sized vectors)."""
+    linears = linear_layers(shape)
+    weights = sum(i * o for _, i, o in linears)
+    if quantization == "none":
+        return weights * BYTES[precision]
+    if quantization == "int8":
+        return weights + sum(o for _, _, o in linears) * INT8_SCALE_BYTES
+    return weights * NF4_BYTES[quantization]
+
+
+def frozen_parts(shape: ModelShape, s: "Setup") -> dict[str, float]:
+    """The frozen weights per GPU: a full copy, or with ``shard_frozen`` over several GPUs
+    (``flax_lora.training.parallel``: every tensor split along one dimension, made in place when
+    loading) 1/gpus of them plus one layer gathered at a time (``frozen_gathered``: XLA
+    all-gathers a layer's weights where it computes and frees them after; an upper bound, the
+    XLA:CPU compile of Llama-3.2-1B's step over 8 devices showed no more temporaries than the
+    replicated step's, benchmarks/RESULTS.md)."""
+    frozen = frozen_weight_bytes(shape, s.precision, s.quantization)
+    if not s.shard_frozen or s.gpus < 2:
+        return {"frozen_weights": frozen}
+    return {"frozen_weights": frozen / s.gpus,
+            "frozen_gathered": layer_frozen_bytes(shape, s.precision, s.quantization)}
 
 
 def activation_elements_per_token(shape: ModelShape, r: int, n_targets: int) -> int:
@@ -232,6 +260,8 @@ def estimate(shape: ModelShape, s: Setup, vram_gb: float) -> MemoryEstimate:
             "GB = GiB (2^30 bytes), per GPU, as nvidia-smi reports",
             f"frozen weights in {s.precision}" + (f" with {s.quantization} decoder linears"
                                                   if s.quantization != "none" else "")
+            + (f", split over {s.gpus} GPUs (--shard-frozen) plus one layer gathered at a time"
+               if "frozen_gathered" in raw else "")
             + "; LoRA params, gradients and AdamW m/v in fp32",
             ("gradient checkpointing per layer" if s.remat else "no gradient checkpointing")
             + ("; flash attention (cuDNN, GPU bf16): no T^2 attention scores"

@@ -7,12 +7,14 @@ decision into the context, and assembles the :class:`Advice` from the final cont
 and warnings come out in pipeline order:
 
 model shape -> data (samples, lengths) -> rank -> alpha (+ scaling) -> dropout -> target modules
--> max length -> precision -> learning rate -> quantization -> gradient checkpointing -> batch size
+-> max length -> precision -> learning rate -> frozen weights split over the GPUs -> quantization
+-> gradient checkpointing -> batch size
 -> accumulation (+ effective batch) -> epochs -> total steps -> schedule -> warmup -> weight decay
 and gradient clipping -> memory estimate (+ remedies when batch 1 does not fit) -> data summary.
 
-The order matters where the memory model is asked: quantization is judged without gradient
-checkpointing, checkpointing with the chosen quantization, and the batch with both.
+The order matters where the memory model is asked: splitting the frozen weights over several GPUs
+is judged on a full bf16/fp32 copy, quantization with that split and without gradient
+checkpointing, checkpointing with the chosen quantization, and the batch with all of them.
 
 Precedence for every value: an explicit request field, then what the user told us about the
 data (``noisy``, ``text_length``, a data file), then the recipe, then the guide's rule.
@@ -97,6 +99,7 @@ class Context:
     precision: str | None = None
     learning_rate: float | None = None
     quantization: str | None = None
+    shard_frozen: bool = False  # frozen weights split over the GPUs (decided before quantization)
     remat: bool = False
     batch: int | None = None
     accum: int | None = None
@@ -154,12 +157,13 @@ def _gb(x: float) -> str:
 
 
 def setup_of(ctx: Context, batch: int, quant: str | None = None, *, length: int | None = None,
-             rank: int | None = None, remat: bool | None = None) -> Setup:
+             rank: int | None = None, remat: bool | None = None, shard: bool | None = None) -> Setup:
     """The memory model's Setup for ``ctx``'s choices at ``batch``, with any of them overridden."""
     return Setup(ctx.r if rank is None else rank, ctx.targets, batch,
                  ctx.max_length if length is None else length, ctx.precision,
                  ctx.quantization if quant is None else quant, remat=ctx.remat if remat is None else remat,
-                 packing=packing_choice(ctx)[0])
+                 packing=packing_choice(ctx)[0], gpus=ctx.request.gpus,
+                 shard_frozen=ctx.shard_frozen if shard is None else shard)
 
 
 def need_gb(ctx: Context, batch: int, quant: str | None = None, **overrides) -> float:
@@ -361,6 +365,31 @@ def rule_learning_rate(ctx: Context) -> Decision:
 
 
 # --------------------------------------------------------------------------- fitting in memory
+
+
+def rule_shard_frozen(ctx: Context) -> Decision:
+    """Split the frozen weights over the GPUs (lora train --shard-frozen): given, else on when
+    there are several GPUs and batch 1 does not fit with a full copy on each. The first rung of
+    the ladder: it costs communication (each layer's weights gathered while it computes), not
+    accuracy, so it comes before int8 and nf4. Not in the guide."""
+    req, vram, field = ctx.request, ctx.request.vram_gb, "training.shard_frozen"
+    if req.shard_frozen is not None:
+        why = "given" if req.gpus > 1 or not req.shard_frozen else "given; a single GPU has nothing to split across"
+        return decide("shard_frozen", field, bool(req.shard_frozen) and req.gpus > 1, why)
+    if req.gpus == 1:
+        return decide("shard_frozen", field, False, "one GPU: a full copy of the frozen weights (nothing to split across)")
+    whole = need_gb(ctx, 1, T.DEFAULT_QUANTIZATION, shard=False)
+    if whole <= vram:
+        return decide("shard_frozen", field, False, f"off: batch 1 fits with a full copy of the frozen weights on "
+                      f"each GPU ({_gb(whole)} of {vram:g} GB)")
+    parts = memory.frozen_parts(ctx.shape, setup_of(ctx, 1, T.DEFAULT_QUANTIZATION, shard=True))
+    full = memory.frozen_weight_bytes(ctx.shape, ctx.precision, T.DEFAULT_QUANTIZATION) / GIB
+    split = need_gb(ctx, 1, T.DEFAULT_QUANTIZATION, shard=True)
+    why = (f"batch 1 needs {_gb(whole)} > {vram:g} GB with a full copy of the frozen weights ({_gb(full)}) on "
+           f"each GPU; split over the {req.gpus} GPUs each holds {_gb(parts['frozen_weights'] / GIB)} plus one "
+           f"layer gathered at a time ({_gb(parts['frozen_gathered'] / GIB)}): batch 1 needs {_gb(split)} "
+           "(lora train --shard-frozen; not in the guide)")
+    return decide("shard_frozen", field, True, why)
 
 
 def rule_quantization(ctx: Context) -> Decision:
@@ -651,9 +680,8 @@ def fit_remedies(ctx: Context, b1: float) -> list[str]:
         out.append(f"nf4 quantization (QLoRA) saves {_gb(b1 - need_gb(ctx, 1, 'nf4'))}")
     if ctx.shape.model_type in memory.PORT_TYPES and not ctx.remat:
         out.append(f"gradient checkpointing (--remat) saves {_gb(b1 - need_gb(ctx, 1, remat=True))}")
-    if req.gpus > 1:
-        frozen = memory.breakdown(ctx.shape, setup_of(ctx, 1))["frozen_weights"] / GIB
-        out.append(f"--shard-frozen over the {req.gpus} GPUs saves {_gb(frozen * (1 - 1 / req.gpus))} per GPU")
+    if req.gpus > 1 and not ctx.shard_frozen:
+        out.append(f"--shard-frozen over the {req.gpus} GPUs saves {_gb(b1 - need_gb(ctx, 1, shard=True))} per GPU")
     shorter = next((n for n in range(ml - T.LENGTH_MULTIPLE, 0, -T.LENGTH_MULTIPLE)
                     if need_gb(ctx, 1, length=n) <= vram), None)
     shorter = shorter or max(T.LENGTH_MULTIPLE, ml // 2)
@@ -723,6 +751,7 @@ PIPELINE: tuple[Rule, ...] = (
     rule_examples,
     rule_precision,
     rule_learning_rate,
+    rule_shard_frozen,
     rule_quantization,
     rule_gradient_checkpointing,
     rule_batch_size,
@@ -762,6 +791,7 @@ def assemble(ctx: Context, reasons: Iterable[Reason], warnings: Iterable[str]) -
             effective_batch_size=ctx.effective, gpus=ctx.request.gpus, learning_rate=ctx.learning_rate,
             lr_schedule=ctx.schedule, warmup_steps=ctx.warmup, max_length=ctx.max_length,
             precision=ctx.precision, quantization=ctx.quantization, gradient_checkpointing=ctx.remat, packing=ctx.packing,
+            shard_frozen=ctx.shard_frozen,
             total_steps=ctx.total_steps, weight_decay=ctx.weight_decay, max_grad_norm=ctx.max_grad_norm,
         ),
         memory=ctx.memory,

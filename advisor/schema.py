@@ -81,6 +81,7 @@ class AdviceRequest(_Strict):
     quantization: Quantization | None = None
     precision: Precision | None = None
     gradient_checkpointing: bool | None = None  # None: only when batch 1 does not fit without it
+    shard_frozen: bool | None = None  # None: with several GPUs, when a full copy of the frozen weights does not fit
     packing: bool | None = None  # None: when the data is short for max_length and the model can (advisor.rules)
 
     @field_validator("model_params", mode="before")
@@ -140,6 +141,7 @@ class TrainingAdvice(_Strict):
     quantization: Quantization = "none"
     gradient_checkpointing: bool = False  # lora train --remat
     packing: bool = False  # lora train --packing: several examples per row
+    shard_frozen: bool = False  # lora train --shard-frozen: frozen weights split over the GPUs
     total_steps: PositiveInt
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0

@@ -101,6 +101,8 @@ def _targets(value: str | None):
 @click.option("--precision", type=_choice(schema.Precision))
 @click.option("--remat/--no-remat", "gradient_checkpointing", default=None,
               help="Gradient checkpointing on/off (default: on only when batch 1 does not fit without it).")
+@click.option("--shard-frozen/--no-shard-frozen", "shard_frozen", default=None,
+              help="Split the frozen weights over the --gpus (default: when a full copy does not fit one GPU).")
 @click.option("--json", "as_json", is_flag=True, help="Print the advice as JSON.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the advice JSON here (atomically).")
 def advise(vram, task, targets, grad_accum, as_json, output, **fields) -> None:

@@ -77,8 +77,10 @@ def _report_to(value: str | None):
 @click.option("--on-divergence", type=click.Choice(["stop", "halve-lr"]),
               help="On a NaN/inf loss or gradient: stop (default) keeping the last good checkpoint, or roll back "
                    "to it and halve the learning rate (at most 3 times).")
-@click.option("--shard-frozen", is_flag=True, default=None,
-              help="Split the frozen weights over the devices (FSDP style) instead of a full copy on each.")
+@click.option("--shard-frozen/--no-shard-frozen", default=None,
+              help="Split the frozen weights over the devices (FSDP style; each device loads only its slice) "
+                   "instead of a full copy on each (default: the advice's, and automatic when a full copy would "
+                   "take over half of a device's memory).")
 @click.option("--remat", is_flag=True, default=None,
               help="Gradient checkpointing: recompute each layer's activations in the backward pass (less memory, "
                    "about a third more compute); llama, mistral, qwen2.")

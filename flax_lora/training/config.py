@@ -62,6 +62,7 @@ class RunConfig(_Frozen):
     quantization: Quantization
     remat: bool
     packing: bool  # several examples per row, attention confined to each (training.advice: when data is short)
+    shard_frozen: bool  # split the frozen weights over the devices (training.parallel; advised for several GPUs)
     # the trainer's own settings
     eval_data: str | None = None
     split: str | None = None  # a Hub dataset's split to train on (None: "train")
@@ -81,7 +82,6 @@ class RunConfig(_Frozen):
     adapter: str | None = None  # start from this adapter (native or PEFT dir) instead of a fresh one
     on_bad_row: RowPolicy = "skip"
     on_divergence: DivergencePolicy = "stop"
-    shard_frozen: bool = False  # split the frozen weights over the devices (training.parallel)
     report_to: tuple[Reporter, ...] = ()  # metric writers besides metrics.jsonl (training.report)
     demo: bool = False
 
@@ -145,7 +145,7 @@ def advice_values(advice: Advice) -> dict[str, Any]:
                 max_length=tr.max_length, learning_rate=tr.learning_rate, lr_schedule=tr.lr_schedule,
                 warmup_steps=tr.warmup_steps, weight_decay=tr.weight_decay, max_grad_norm=tr.max_grad_norm,
                 precision=tr.precision, quantization=tr.quantization, remat=tr.gradient_checkpointing,
-                packing=tr.packing)
+                packing=tr.packing, shard_frozen=tr.shard_frozen)
 
 
 def local_path(source: str) -> str:

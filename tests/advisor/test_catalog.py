@@ -13,6 +13,7 @@ PUBLISHED = {
     "bigscience/bloom-560m": 559_214_592, "bigscience/bloom-7b1": 7_069_016_064,
     "meta-llama/Llama-2-7b-hf": 6_738_415_616, "meta-llama/Llama-3.2-1B": 1_235_814_400,
     "meta-llama/Llama-3.1-8B": 8_030_261_248, "mistralai/Mistral-7B-v0.1": 7_241_732_096,
+    "meta-llama/Llama-3.1-70B": 70_553_706_496,
     "google/gemma-2b": 2_506_172_416, "google/gemma-7b": 8_537_680_896,
     "Qwen/Qwen2.5-0.5B": 494_032_768, "Qwen/Qwen2.5-7B": 7_615_616_512,
     "HuggingFaceTB/SmolLM2-135M": 134_515_008, "TinyLlama/TinyLlama-1.1B-Chat-v1.0": 1_100_048_384,

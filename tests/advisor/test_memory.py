@@ -174,12 +174,27 @@ def test_unknown_attention_or_device_is_refused():
 
 
 def test_softmax_dtype_by_family():
-    """Two [B, H, T, T] buffers per layer (exponentials, probabilities): the Llama port, BLOOM and
-    Gemma take the softmax in fp32 (4 + 2 bytes in bf16); GPT-2, OPT, GPT-Neo, GPT-J in bf16 (2 + 2);
-    fp32 training: 4 + 4 for all."""
+    """Two [B, H, T, T] buffers per layer (exponentials, probabilities): the ports (Llama family,
+    Gemma, GPT-2) and BLOOM take the softmax in fp32 (4 + 2 bytes in bf16); OPT, GPT-Neo, GPT-J in
+    bf16 (2 + 2); fp32 training: 4 + 4 for all."""
     t = 1000
-    for name, bf16 in (("gpt2", 2 + 2), ("facebook/opt-125m", 2 + 2), ("bigscience/bloom-560m", 4 + 2),
+    for name, bf16 in (("gpt2", 4 + 2), ("facebook/opt-125m", 2 + 2), ("bigscience/bloom-560m", 4 + 2),
                        ("google/gemma-2b", 4 + 2), ("llama-3.2-1b", 4 + 2)):
         shape = catalog.lookup(name)
         assert memory.attention_bytes_per_token(shape, t, "bf16", flash=False) == shape.n_heads * t * bf16
         assert memory.attention_bytes_per_token(shape, t, "fp32", flash=False) == shape.n_heads * t * 8
+
+
+def test_split_frozen_weights_are_a_share_plus_one_gathered_layer():
+    shape = catalog.lookup("meta-llama/Llama-3.1-8B")
+    s = Setup(8, ("q_proj", "v_proj"), 1, 1024, gpus=4)
+    whole, split = memory.breakdown(shape, s), memory.breakdown(shape, s._replace(shard_frozen=True))
+    assert split["frozen_weights"] == whole["frozen_weights"] / 4
+    layer = 2 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336)  # bf16: q, o; k, v (8 kv heads); MLP
+    assert split["frozen_gathered"] == layer and "frozen_gathered" not in whole
+    for k in ("lora_params", "activations", "logits"):
+        assert split[k] == whole[k]
+    one = memory.breakdown(shape, s._replace(gpus=1, shard_frozen=True))  # one GPU: nothing to split
+    assert one["frozen_weights"] == whole["frozen_weights"] and "frozen_gathered" not in one
+    nf4 = memory.breakdown(shape, s._replace(shard_frozen=True, quantization="nf4"))
+    assert nf4["frozen_gathered"] == layer / 2 * memory.NF4_BYTES["nf4"]

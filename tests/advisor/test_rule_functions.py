@@ -36,14 +36,14 @@ def with_vram(ctx: Context, vram_gb: float) -> Context:
 def test_pipeline_order_is_the_order_of_the_reasons():
     names = [rule.__name__ for rule in PIPELINE]
     assert names == ["rule_model", "rule_data", "rule_rank", "rule_alpha", "rule_dropout", "rule_targets",
-                     "rule_max_length", "rule_examples", "rule_precision", "rule_learning_rate", "rule_quantization",
-                     "rule_gradient_checkpointing", "rule_batch_size", "rule_accumulation", "rule_epochs",
-                     "rule_total_steps", "rule_schedule", "rule_warmup", "rule_regularization", "rule_packing", "rule_memory",
+                     "rule_max_length", "rule_examples", "rule_precision", "rule_learning_rate", "rule_shard_frozen",
+                     "rule_quantization", "rule_gradient_checkpointing", "rule_batch_size", "rule_accumulation",
+                     "rule_epochs", "rule_total_steps", "rule_schedule", "rule_warmup", "rule_regularization", "rule_packing", "rule_memory",
                      "rule_data_summary"]
     fields = [r.field for r in advise(make_request(samples=3000, vram_gb=12)).reasons]
     assert fields == ["model", "lora.r", "lora.alpha", "lora.scaling", "lora.dropout", "lora.target_modules",
                       "training.max_length", "training.precision", "training.learning_rate",
-                      "training.quantization", "training.gradient_checkpointing",
+                      "training.shard_frozen", "training.quantization", "training.gradient_checkpointing",
                       "training.per_device_batch_size", "training.gradient_accumulation_steps",
                       "training.effective_batch_size", "training.epochs", "training.total_steps",
                       "training.lr_schedule", "training.warmup_steps", "training.weight_decay",

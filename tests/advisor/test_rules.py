@@ -51,7 +51,7 @@ def test_batch_from_vram_table_then_shrunk_to_fit():
 
 
 def test_small_gpu_long_sequence_shrinks_batch_and_accumulates():
-    a = advise(samples=20000, vram_gb=16, model="gpt2-large", max_length=1024)
+    a = advise(samples=20000, vram_gb=16, model="gpt2-xl", max_length=1024)
     t = a.training
     assert t.per_device_batch_size < 8
     assert t.gradient_accumulation_steps == math.ceil(16 / t.per_device_batch_size)
@@ -242,17 +242,48 @@ def test_gradient_checkpointing_only_when_batch_one_does_not_fit():
 
 
 def test_gradient_checkpointing_is_not_advised_where_the_trainer_has_none():
-    a = advise(samples=3000, vram_gb=1, model="gpt2-medium")
+    a = advise(samples=3000, vram_gb=1, model="facebook/opt-350m")  # legacy: transformers' Flax class
     assert a.training.gradient_checkpointing is False
-    assert "not available for model type gpt2" in reason(a, "training.gradient_checkpointing")
-    b = advise(samples=3000, vram_gb=24, model="gpt2", gradient_checkpointing=True)
+    assert "not available for model type opt" in reason(a, "training.gradient_checkpointing")
+    b = advise(samples=3000, vram_gb=24, model="facebook/opt-125m", gradient_checkpointing=True)
     assert b.training.gradient_checkpointing is False and "asked for, but not available" in reason(
         b, "training.gradient_checkpointing")
 
 
 def test_several_gpus_offer_sharded_frozen_weights_when_nothing_fits():
-    a = advise(samples=3000, vram_gb=4, model="llama-3.1-8b", gpus=4)
+    a = advise(samples=3000, vram_gb=4, model="llama-3.1-8b", gpus=4, shard_frozen=False)
+    assert a.training.shard_frozen is False and reason(a, "training.shard_frozen") == "given"
     (w,) = [w for w in a.warnings if w.startswith("does not fit even at batch 1")]
-    frozen = memory.breakdown(a.model, Setup(a.lora.r, a.lora.target_modules, 1, a.training.max_length,
-                                             quantization=a.training.quantization, remat=True))["frozen_weights"]
-    assert f"--shard-frozen over the 4 GPUs saves {frozen / memory.GIB * 0.75:.2f} GB per GPU" in w
+    t = a.training
+    base = Setup(a.lora.r, a.lora.target_modules, 1, t.max_length, quantization=t.quantization, remat=True, gpus=4)
+    saves = (sum(memory.breakdown(a.model, base).values())
+             - sum(memory.breakdown(a.model, base._replace(shard_frozen=True)).values())) / memory.GIB
+    assert f"--shard-frozen over the 4 GPUs saves {saves:.2f} GB per GPU" in w
+
+
+def test_a_70b_on_8_x_80gb_is_split_not_quantized():
+    """The first rung: a full bf16 copy (131 GB) fits no 80 GB GPU; split over 8 it does, so no
+    quantization is advised, and the estimate holds an eighth of the weights plus one layer."""
+    a = advise(samples=10000, vram_gb=80, model="meta-llama/Llama-3.1-70B", gpus=8, max_length=2048)
+    t, m = a.training, a.memory
+    assert t.shard_frozen is True and t.quantization == "none" and t.precision == "bf16" and m.fits
+    full = memory.frozen_weight_bytes(a.model, "bf16", "none")
+    assert m.breakdown_gb["frozen_weights"] == pytest.approx(full / 8 / memory.GIB, abs=1e-3)
+    layer = memory.layer_frozen_bytes(a.model, "bf16", "none")
+    assert m.breakdown_gb["frozen_gathered"] == pytest.approx(layer / memory.GIB, abs=1e-3)
+    assert layer == 2 * (2 * 8192 * 8192 + 2 * 8192 * 1024 + 3 * 8192 * 28672)  # q, o, k, v, gate/up/down
+    why = reason(a, "training.shard_frozen")
+    assert "> 80 GB with a full copy of the frozen weights (131.41 GB)" in why and "each holds 16.43 GB" in why
+    assert not [w for w in a.warnings if "does not fit" in w]
+
+
+def test_shard_frozen_only_where_a_full_copy_does_not_fit():
+    one = advise(samples=10000, vram_gb=80, model="meta-llama/Llama-3.1-70B", max_length=2048)
+    assert one.training.shard_frozen is False and "one GPU" in reason(one, "training.shard_frozen")
+    assert one.training.quantization == "nf4"  # the ladder's next rungs on a single GPU
+    small = advise(samples=3000, vram_gb=24, model="llama-3.2-1b", gpus=4)
+    assert small.training.shard_frozen is False and reason(small, "training.shard_frozen").startswith("off: batch 1 fits")
+    assert "frozen_gathered" not in small.memory.breakdown_gb
+    assert advise(samples=3000, vram_gb=24, model="llama-3.2-1b", gpus=4, shard_frozen=True).training.shard_frozen
+    refused = advise(samples=10000, vram_gb=80, model="meta-llama/Llama-3.1-70B", gpus=8, shard_frozen=False)
+    assert refused.training.quantization != "none"  # without the split it needs quantized weights

@@ -36,6 +36,21 @@ def test_advised_gradient_checkpointing_reaches_the_run_config(tmp_path):
     assert cfg.remat is True  # the flag wins
 
 
+def test_advised_shard_frozen_reaches_the_run_config_and_the_flag_wins(tmp_path):
+    from advisor import advise
+    from flax_lora.training.config import config_from_advice
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n')
+    big = advise(samples=3000, vram_gb=80, model="meta-llama/Llama-3.1-70B", gpus=8)
+    assert big.training.shard_frozen
+    make = lambda advice, **over: config_from_advice(advice, model="some/llama", data=str(data),  # noqa: E731
+                                                     output=str(tmp_path / "r"), overrides=over)
+    assert make(big).shard_frozen is True
+    assert make(big, shard_frozen=None).shard_frozen is True  # the flag not given: the advice's
+    assert make(advise(samples=3000, vram_gb=24, model="llama-3.2-1b", gpus=8)).shard_frozen is False
+
+
 def test_every_hyperparameter_comes_from_the_advice(tmp_path):
     """No second table of defaults: without flags the config holds exactly the advisor's choices."""
     data = _data(tmp_path)
