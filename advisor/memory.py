@@ -163,11 +163,12 @@ def attention_bytes_per_token(shape: ModelShape, max_length: int, precision: str
     log-sum-exp per head (``flash`` None: ``fused_attention``).
 
     Explicit attention: the backward keeps two [B, H, T, T] buffers per layer, the softmax's
-    exponentials and the normalised probabilities (the P·V matmul's operand). The Llama port (and
-    transformers' Flax BLOOM and Gemma) take the softmax in float32 and cast the probabilities to
-    the compute dtype (4 + 2 bytes in bf16, 4 + 4 in fp32); transformers' other Flax classes
-    (GPT-2, OPT, GPT-Neo, GPT-J) take it in the compute dtype (2 + 2 in bf16). Checked in XLA's
-    compile for an H200 (the port: ``benchmarks/memory_check.py --gpu h200``; GPT-2, OPT, BLOOM).
+    exponentials and the normalised probabilities (the P·V matmul's operand). The project's ports
+    (the decoder port, GPT-2's) and transformers' Flax BLOOM take the softmax in float32 and cast
+    the probabilities to the compute dtype (4 + 2 bytes in bf16, 4 + 4 in fp32); transformers' other
+    Flax classes (OPT, GPT-Neo, GPT-J: the legacy extra) take it in the compute dtype (2 + 2 in
+    bf16). Checked in XLA's compile for an H200 (the decoder port: ``benchmarks/memory_check.py
+    --gpu h200``; OPT, BLOOM and transformers' GPT-2 before the GPT-2 port).
     """
     if fused_attention(shape, precision) if flash is None else flash:
         return shape.n_heads * 4.0
@@ -215,7 +216,7 @@ def activation_bytes(shape: ModelShape, s: Setup, n_targets: int) -> float:
 def logits_bytes(shape: ModelShape, tokens: int) -> float:
     """The vocabulary projection's memory.
 
-    Llama-family models train with the fused chunked loss (``flax_lora.training.losses``): float32
+    The ports' families train with the fused chunked loss (``flax_lora.training.losses``): float32
     logits, their exponentials and gradient for one chunk (~128 MiB each) plus the float32
     gradient of the hidden states. Other families materialise float32 logits and their gradient.
     """

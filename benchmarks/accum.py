@@ -21,7 +21,7 @@ import optax
 from transformers import GPT2Config
 
 from flax_lora.lora import LoraConfig, init_lora
-from flax_lora.models import hf
+from flax_lora.models.registry import from_config
 from flax_lora.targets import resolve_targets
 from flax_lora.training.step import OptimConfig, init_state, make_loss_fn, make_optimizer, make_schedule, make_train_step
 
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     k, b, T = args.k, args.batch, args.seq
 
-    m = hf.from_config(GPT2Config(n_embd=128, n_layer=4, n_head=4, vocab_size=512, n_positions=max(128, T)))
+    m = from_config(GPT2Config(n_embd=128, n_layer=4, n_head=4, vocab_size=512, n_positions=max(128, T)))
     lc = LoraConfig(8, 16)
     lora = init_lora(resolve_targets(m.linears(), "gpt2", preset="attention"), 8, jax.random.PRNGKey(0))
     ids = np.random.default_rng(0).integers(0, 512, (k, b, T)).astype(np.int32)

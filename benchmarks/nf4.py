@@ -91,16 +91,21 @@ def bench_shape_errors(preset: str, batch: int, seq: int) -> dict:
 
 
 def tiny_errors() -> dict:
-    """Logit errors of the tests' tiny models (``tests/conftest.py``), per family."""
-    from flax_lora.models import hf
+    """Logit errors of the tests' tiny models (``tests/conftest.py``), per family (OPT only with the
+    flax-legacy extra)."""
+    from flax_lora.models.hf import SUPPORTED as LEGACY, flax_available
+    from flax_lora.models.registry import from_config
     from tests.conftest import _configs
     from tests.helpers import copy_batch
 
     ids = jnp.asarray(copy_batch(2)["input_ids"])
     out = {}
     for name, cfg in _configs().items():
+        if name in LEGACY and not flax_available():
+            continue
+
         def model_of(precision, cfg=cfg):
-            return hf.from_config(cfg, dtype={"fp32": jnp.float32, "bf16": jnp.bfloat16}[precision], seed=0)
+            return from_config(cfg, dtype={"fp32": jnp.float32, "bf16": jnp.bfloat16}[precision], seed=0)
 
         conv = [p for p, i in model_of("fp32").linears().items() if i.kind == "conv1d"]
         out[name] = _logit_errors(model_of, conv, ids)

@@ -104,7 +104,7 @@ def _converted(folder: Path, source: str):
 
     try:
         hf = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False, use_fast=True)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, TypeError) as exc:  # TypeError: 4.57 on a folder without vocabulary files
         raise UserError(f"model {source!r}: no usable tokenizer in {folder} ({exc})") from None
     if not getattr(hf, "is_fast", False):
         raise UserError(f"model {source!r}: its tokenizer has no fast (tokenizer.json) form")

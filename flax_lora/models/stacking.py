@@ -43,6 +43,20 @@ def stack_layers(tree: Mapping, num_layers: int | None = None, fill_missing: boo
     return unflatten_dict(out)
 
 
+def in_layout(paths, stacked: bool) -> list[str]:
+    """Per-layer module paths (``transformer/h/3/attn/c_attn``) named as the params hold them: the
+    stacked ``transformer/h/stack/attn/c_attn`` when ``stacked`` (one name for all layers)."""
+    if not stacked:
+        return list(paths)
+    out = []
+    for p in paths:
+        k = tuple(p.split("/"))
+        if k[:2] in _PREFIXES and len(k) > 2 and k[2].isdigit():
+            k = k[:2] + (STACK,) + k[3:]
+        out.append("/".join(k))
+    return list(dict.fromkeys(out))
+
+
 def unstack_layers(tree: Mapping) -> dict:
     """Scanned ``model/layers/stack/...`` [L, ...] -> per-layer ``model/layers/<i>/...``."""
     out = {}

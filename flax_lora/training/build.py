@@ -116,9 +116,10 @@ def _model(cfg: RunConfig, src: Sources):
     model = load_model(src.model, dtype=dtype, scan=True, remat=cfg.remat, placement=plan)  # scan where it can
     linears = model.linears()  # found on the float shapes (an nf4 kernel has another shape)
     if not plan.decided:
+        from flax_lora.models.stacking import in_layout
         from flax_lora.quant import quantize_as
 
-        conv1d = [p for p, i in linears.items() if i.kind == "conv1d"]
+        conv1d = in_layout([p for p, i in linears.items() if i.kind == "conv1d"], model.layers_stacked)
         model.params = quantize_as(model.params, cfg.quantization, conv1d)
         plan.decide(model.params, quantized=True)
         model.params = plan.place(model.params)

@@ -18,17 +18,20 @@ def test_gpt2_bf16_by_hand():
     assert lora == memory.trainable_params(shape, 8, s.targets) == 811_008
     # per token per layer: 4h + q + 2kv + 2*inter + r*3 modules, + heads*T scores
     per_token = (4 * 768 + 768 + 2 * 768 + 2 * 3072 + 8 * 3) * 2  # bf16 bytes
-    # per token per layer: softmax exponentials + probabilities, both bf16 (transformers' Flax GPT-2
-    # takes the softmax in the compute dtype)
-    scores = 12 * 128 * (2 + 2)
+    # per token per layer: the project's GPT-2 port takes cuDNN flash attention on a GPU in bf16
+    # (head_dim 64): no [T, T] scores, only the fp32 log-sum-exp of each of the 12 heads
+    lse = 12 * 4
+    tokens = 2 * 128
+    chunk = 256  # the fused loss's chunk: min(tokens, 128 MiB // (4 * vocab) = 667)
     expected = {
         "frozen_weights": params * 2,
         "lora_params": lora * 4,
         "gradients": lora * 4,
         "optimizer_states": lora * 8,
-        # 12 layers kept + one layer's score gradients during the backward
-        "activations": (2 * 128) * (12 * (per_token + scores) + scores),
-        "logits": (2 * 128) * 50257 * 8,  # GPT-2: full fp32 logits and their gradient
+        # 12 layers kept + one layer's log-sum-exp gradients during the backward
+        "activations": tokens * (12 * (per_token + lse) + lse),
+        # fused chunked loss: fp32 logits, exponentials and gradient of one chunk + the fp32 hidden gradient
+        "logits": 3 * chunk * 50257 * 4 + tokens * 768 * 4,
     }
     expected["runtime_overhead"] = 0.75 * GIB + 0.1 * sum(expected.values())
     got = memory.breakdown(shape, s)
@@ -75,13 +78,14 @@ def test_remat_keeps_layer_inputs_and_one_layer():
 
 def test_flash_attention_drops_the_quadratic_term():
     """bf16 Llama-family training uses cuDNN flash attention on GPUs: activations grow linearly
-    in T (doubling T doubles them); fp32 and GPT-2 keep the T^2 scores (more than double)."""
-    llama, gpt2 = catalog.lookup("llama-3.2-1b"), catalog.lookup("gpt2")
+    in T (doubling T doubles them); fp32 and OPT (transformers' Flax class, the legacy extra) keep
+    the T^2 scores (more than double)."""
+    llama, opt = catalog.lookup("llama-3.2-1b"), catalog.lookup("facebook/opt-125m")
     act = lambda shape, t, p: memory.breakdown(shape, Setup(8, ("q_proj",), 2, t, precision=p))["activations"]
     assert act(llama, 4096, "bf16") == pytest.approx(2 * act(llama, 2048, "bf16"))
     assert act(llama, 4096, "fp32") > 2.2 * act(llama, 2048, "fp32")
-    assert act(gpt2, 1024, "bf16") > 2.2 * act(gpt2, 512, "bf16")
-    assert memory.quadratic_crossover(llama) is None and memory.quadratic_crossover(gpt2) > 0
+    assert act(opt, 1024, "bf16") > 2.2 * act(opt, 512, "bf16")
+    assert memory.quadratic_crossover(llama) is None and memory.quadratic_crossover(opt) > 0
 
 
 def test_int8_and_fp32_change_only_the_weights():
@@ -98,12 +102,14 @@ def test_int8_and_fp32_change_only_the_weights():
 def test_where_the_guides_quadratic_rule_holds():
     """Below the crossover doubling T roughly doubles the batch-dependent memory; far above, ~4x."""
     shape = catalog.lookup("gpt2")
-    t_star = memory.quadratic_crossover(shape, r=8, n_targets=3)
-    # GPT-2: the linear terms dominate up to ~1,200 tokens (exponentials + probabilities, bf16)
+    t_star = memory.quadratic_crossover(shape, r=8, n_targets=3, precision="fp32")
+    # GPT-2 in fp32 (explicit scores; bf16 on a GPU takes flash attention, which has no T^2 term):
+    # the linear terms dominate up to ~1,000 tokens (exponentials + probabilities, fp32)
+    assert memory.quadratic_crossover(shape, r=8, n_targets=3) is None
     assert 500 < t_star < 20000
 
     def batch_part(t):
-        b = memory.breakdown(shape, Setup(8, ("c_attn", "c_proj"), 1, t))
+        b = memory.breakdown(shape, Setup(8, ("c_attn", "c_proj"), 1, t, precision="fp32"))
         return b["activations"] + b["logits"]
 
     assert batch_part(256) / batch_part(128) < 2.4
@@ -150,10 +156,10 @@ def test_no_relayout_copy_unrolled_on_cpu_with_remat_or_flash():
     for other in (s._replace(scan=False), s._replace(device="cpu"), s._replace(remat=True),
                   s._replace(attention="auto")):
         assert memory.scan_relayout_bytes_per_token(shape, other) == 0
-    # scan None (the default): as `lora train` loads the model; the Llama port scans, GPT-2 cannot
+    # scan None (the default): as `lora train` loads the model; the ports scan, OPT's Flax class cannot
     assert memory.scan_relayout_bytes_per_token(shape, s._replace(scan=None)) > 0
-    gpt2 = catalog.lookup("gpt2")
-    assert memory.scan_relayout_bytes_per_token(gpt2, Setup(8, ("c_attn",), 1, 1024, precision="fp32")) == 0
+    opt = catalog.lookup("facebook/opt-125m")
+    assert memory.scan_relayout_bytes_per_token(opt, Setup(8, ("q_proj",), 1, 1024, precision="fp32")) == 0
     # unrolled explicit attention: the probabilities of every layer, once
     per_token = (4 * 2048 + 2048 + 2 * 512 + 2 * 8192 + 8) * 2
     probs = 32 * 1024 * 6

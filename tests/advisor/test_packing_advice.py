@@ -50,10 +50,10 @@ def test_long_data_and_other_families_are_not_packed_unless_asked(tmp_path):
     asked = advise(data=data, vram_gb=80, model=PORT, max_length=1024, packing=True)
     assert asked.training.packing is True and _reason(asked, "training.packing").why == "given"
     short = _data(tmp_path, [4 * 20] * 50)
-    gpt2 = advise(data=short, vram_gb=24, model="gpt2", max_length=1024)
-    assert gpt2.training.packing is False
-    assert "not available for model type gpt2" in _reason(gpt2, "training.packing").why
-    refused = advise(data=short, vram_gb=24, model="gpt2", packing=True)
+    opt = advise(data=short, vram_gb=24, model="facebook/opt-125m", max_length=1024)  # legacy: no segment ids
+    assert opt.training.packing is False
+    assert "not available for model type opt" in _reason(opt, "training.packing").why
+    refused = advise(data=short, vram_gb=24, model="facebook/opt-125m", packing=True)
     assert refused.training.packing is False and any("--packing would refuse" in w for w in refused.warnings)
     nodata = advise(samples=100, vram_gb=24, model=PORT)
     assert nodata.training.packing is False and "no data file" in _reason(nodata, "training.packing").why

@@ -114,17 +114,17 @@ def test_ladder_stops_where_the_model_fits_and_respects_the_users_choice():
 
 
 def test_no_gradient_checkpointing_for_models_outside_the_port():
-    ctx = context_before(rule_gradient_checkpointing, samples=3000, vram_gb=1, model="gpt2-medium")
+    ctx = context_before(rule_gradient_checkpointing, samples=3000, vram_gb=1, model="facebook/opt-350m")
     assert ctx.quantization == "nf4" and need_gb(ctx, 1) > 1
     g = rule_gradient_checkpointing(ctx)
-    assert g.value is False and g.why.startswith("off: not available for model type gpt2")
+    assert g.value is False and g.why.startswith("off: not available for model type opt")
 
 
 # ----------------------------------------------------------------------------- batch size
 
 
 def test_batch_is_halved_until_it_fits():
-    ctx = context_before(rule_batch_size, samples=3000, vram_gb=80, model="gpt2-large", max_length=1024)
+    ctx = context_before(rule_batch_size, samples=3000, vram_gb=80, model="gpt2-xl", max_length=1024)
     assert ctx.recipe is None and ctx.request.vram_gb == 80
     # a GPU that holds batch 2 but not batch 4: the table's ceiling for it is tried, then halved
     tight = with_vram(ctx, (need_gb(ctx, 2) + need_gb(ctx, 4)) / 2)

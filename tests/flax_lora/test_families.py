@@ -1,7 +1,7 @@
-"""Every family of the decoder port end to end on a tiny checkpoint saved from PyTorch transformers
-(the parity fixtures): lora train, eval, generate, export --format peft|merged; the PEFT export
-loads in PEFT and gives our logits, the merged one loads in transformers, and a PEFT adapter
-made in PyTorch loads here (--adapter) with PyTorch's logits."""
+"""Every family of the ports (decoder, GPT-2) end to end on a tiny checkpoint saved from PyTorch
+transformers (the parity fixtures): lora train, eval, generate, export --format peft|merged; the PEFT
+export loads in PEFT and gives our logits, the merged one loads in transformers (4.57 or 5.x, whichever
+is installed), and a PEFT adapter made in PyTorch loads here (--adapter) with PyTorch's logits."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from cli.main import cli
 
 pytestmark = pytest.mark.slow
 FIXTURES = Path(__file__).parents[1] / "parity" / "fixtures"
-FAMILIES = {"qwen3": "qwen3_qknorm_headdim", "gemma2": "gemma2_softcap_window",
+FAMILIES = {"qwen3": "qwen3_qknorm_headdim", "gemma": "gemma_mqa_headdim", "gpt2": "gpt2_tied",
+            "gemma2": "gemma2_softcap_window",
             "gemma3_text": "gemma3_text_local_global", "phi3": "phi3_longrope_partial",
             "smollm3": "smollm3_nope", "olmo2": "olmo2_post_norms"}
 IDS = np.array([[5, 9, 3, 7, 11, 2, 8, 6], [4, 4, 10, 12, 1, 3, 9, 5]])
@@ -55,8 +56,8 @@ def test_train_eval_generate_export(family):
     _lora("export", run, "--format", "peft", "--out", d / "peft")
     _lora("export", run, "--format", "merged", "--out", d / "merged")
     config = json.loads((d / "peft" / "adapter_config.json").read_text())
-    fused = name == "phi3"
-    assert set(config["target_modules"]) == ({"qkv_proj", "o_proj"} if fused else {"q_proj", "k_proj", "v_proj", "o_proj"})
+    want = {"phi3": {"qkv_proj", "o_proj"}, "gpt2": {"attn.c_attn", "attn.c_proj"}}  # mlp.c_proj exists too
+    assert set(config["target_modules"]) == want.get(name, {"q_proj", "k_proj", "v_proj", "o_proj"})
 
 
 def _ours(folder, adapter=None):
@@ -99,7 +100,8 @@ def test_pytorch_loads_our_exports_and_we_load_pytorchs_adapters(family):
     np.testing.assert_allclose(logits(merged), ours, atol=1e-4)
     # an adapter trained in PyTorch (random B so it changes the logits) loads with --adapter
     torch.manual_seed(0)
-    targets = ["qkv_proj", "gate_up_proj"] if name == "phi3" else ["q_proj", "v_proj", "down_proj"]
+    targets = {"phi3": ["qkv_proj", "gate_up_proj"], "gpt2": ["c_attn", "c_fc"]}.get(name, ["q_proj", "v_proj",
+                                                                                         "down_proj"])
     fresh = AutoModelForCausalLM.from_pretrained(d / "model", attn_implementation="eager")
     tuned = peft.get_peft_model(fresh, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
     with torch.no_grad():

@@ -75,6 +75,33 @@ def test_gpt2_conv1d_quantized_matches():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("method", ["int8", "nf4"])
+def test_scanned_gpt2_port_quantizes_its_conv1d_kernels_as_unrolled(method):
+    """``lora train`` scans the GPT-2 port: its stacked Conv1D kernels ([L, out, in]) are quantized
+    per output channel like the unrolled ones (paths named in the stacked layout)."""
+    from transformers import GPT2Config
+
+    from flax_lora.models.base import CausalLM
+    from flax_lora.models.gpt2 import load_gpt2
+    from flax_lora.models.stacking import in_layout
+    from flax_lora.quant import quantize_as
+
+    cfg = GPT2Config(n_embd=64, n_layer=2, n_head=2, vocab_size=64, n_positions=32, initializer_range=0.2)
+    ids = _ids() % 64
+    out = {}
+    for scan in (False, True):
+        module, params, _ = load_gpt2(cfg, scan=scan)
+        model = CausalLM(module, params, cfg, "gpt2", "t", layers_stacked=scan)
+        conv = in_layout([p for p, i in model.linears().items() if i.kind == "conv1d"], scan)
+        assert len(conv) == (4 if scan else 8)
+        q = quantize_as(model.params, method, conv)
+        with quant_active():
+            out[scan] = model.logits({"params": q}, ids, jnp.ones_like(ids))
+        ref = model.logits({"params": model.params}, ids, jnp.ones_like(ids))
+        assert float(jnp.abs(out[scan] - ref).max() / jnp.abs(ref).max()) < 0.1
+    np.testing.assert_allclose(out[True], out[False], atol=1e-5)
+
+
 def test_lora_on_quantized_weights_adds_the_same_delta_and_trains():
     from flax_lora.targets import resolve_targets
     from flax_lora.training.step import OptimConfig, init_state, make_optimizer, make_schedule, make_train_step

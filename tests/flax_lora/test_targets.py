@@ -1,5 +1,6 @@
-"""Every guide preset resolves, on a real (tiny, random-init) model of every supported family,
-to the modules the advisor names, and nothing else."""
+"""Every guide preset resolves, on a real (tiny, random-init) model of every supported family (the
+ports', and transformers' Flax classes for the legacy ones), to the modules the advisor names, and
+nothing else."""
 
 import pytest
 from transformers import (BloomConfig, GemmaConfig, GPT2Config, GPTJConfig, GPTNeoConfig, LlamaConfig,
@@ -7,7 +8,8 @@ from transformers import (BloomConfig, GemmaConfig, GPT2Config, GPTJConfig, GPTN
 
 from advisor.catalog import preset_modules
 from flax_lora.errors import UserError
-from flax_lora.models import hf
+from flax_lora.models.hf import SUPPORTED as LEGACY
+from flax_lora.models.registry import from_config
 from flax_lora.targets import resolve_targets
 
 TINY = {
@@ -37,9 +39,10 @@ EXPECTED = {
 }
 
 
-@pytest.fixture(scope="module", params=sorted(TINY))
+@pytest.fixture(scope="module", params=[pytest.param(t, marks=[pytest.mark.legacy] if t in LEGACY else [])
+                                        for t in sorted(TINY)])
 def model(request):
-    return hf.from_config(TINY[request.param])
+    return from_config(TINY[request.param])
 
 
 @pytest.mark.parametrize("preset", ["attention-qv", "attention", "attention-mlp"])

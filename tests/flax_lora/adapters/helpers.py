@@ -10,7 +10,6 @@ import numpy as np
 
 from flax_lora.adapters.native import save_adapter
 from flax_lora.lora import LoraConfig, discover_linears, init_lora, lora_active, select_targets
-from flax_lora.models.weights import torch_to_flax, read_checkpoint
 
 IDS = np.array([[5, 17, 3, 99, 42, 7, 64, 1, 23, 88], [11, 2, 76, 30, 8, 55, 9, 120, 14, 6]], np.int32)
 
@@ -56,11 +55,10 @@ def flax_llama(folder: Path) -> Flax:
 
 
 def flax_gpt2(folder: Path) -> Flax:
-    from transformers import AutoConfig, FlaxGPT2LMHeadModel
+    from flax_lora.models.gpt2 import load_gpt2
 
-    model = FlaxGPT2LMHeadModel(AutoConfig.from_pretrained(folder), _do_init=False)
-    params = torch_to_flax(read_checkpoint(folder), model.params_shape_tree)
-    return Flax(model.module, jax.tree_util.tree_map(jnp.asarray, params), _gpt2_call)
+    module, params, _ = load_gpt2(folder)
+    return Flax(module, params, _gpt2_call)
 
 
 def random_adapter(model: Flax, targets, r: int = 4, seed: int = 0):

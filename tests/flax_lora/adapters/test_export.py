@@ -24,15 +24,11 @@ from flax_lora.models.weights import flax_to_torch, read_checkpoint, write_check
 def _save_base(folder, cfg, dtype=None, numpy_dtype_defect=False):
     """Random-init base model written as a PyTorch-layout checkpoint (no torch)."""
     config = AutoConfig.for_model(**cfg)
-    if cfg["model_type"] == "gpt2":
-        from transformers import FlaxGPT2LMHeadModel
+    from flax_lora.models.base import param_shapes
+    from flax_lora.models.decoder import DecoderLM
+    from flax_lora.models.gpt2 import GPT2LM
 
-        shapes = FlaxGPT2LMHeadModel(config, _do_init=False).params_shape_tree
-    else:
-        from flax_lora.models.base import param_shapes
-        from flax_lora.models.decoder import DecoderLM
-
-        shapes = param_shapes(DecoderLM(config))
+    shapes = param_shapes((GPT2LM if cfg["model_type"] == "gpt2" else DecoderLM)(config))
     params = random_params(shapes)
     write_checkpoint(folder, flax_to_torch(params, dtype=dtype))
     config.to_json_file(folder / "config.json")

@@ -88,15 +88,16 @@ def test_merged_loads_in_transformers_and_here(case):
 
 
 @pytest.mark.parametrize("model_type,extra", [
-    ("opt", dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=32)),
-    ("gpt_neo", dict(hidden_size=32, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]])),
+    pytest.param("opt", dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                             word_embed_proj_dim=32), marks=pytest.mark.legacy),
+    pytest.param("gpt_neo", dict(hidden_size=32, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]]),
+                 marks=pytest.mark.legacy),
     ("qwen2", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)),
     ("mistral", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)),
 ])
 def test_flax_linear_paths_are_torch_module_paths(model_type, extra):
     """The '/' -> '.' rename names a torch nn.Linear with the same in/out for every Flax linear."""
     import jax.numpy as jnp
-    from transformers import FlaxAutoModelForCausalLM
 
     from flax_lora.lora import discover_linears
     from flax_lora.models.base import param_shapes
@@ -108,6 +109,8 @@ def test_flax_linear_paths_are_torch_module_paths(model_type, extra):
         module, params = DecoderLM(config), param_shapes(DecoderLM(config))
         linears = discover_linears(lambda p: module.apply({"params": p}, ids), params)
     else:
+        from transformers import FlaxAutoModelForCausalLM
+
         fm = FlaxAutoModelForCausalLM.from_config(config, _do_init=False)
         pos = jnp.broadcast_to(jnp.arange(ids.shape[1])[None], ids.shape)
         linears = discover_linears(lambda p: fm.module.apply({"params": p}, ids, jnp.ones_like(ids), pos), fm.params_shape_tree)

@@ -1,6 +1,7 @@
 """Packed training equals unpacked on a tiny Llama: per-example logits, the step's loss and
 gradients (fused and unfused loss, scanned and unrolled layers, accumulation, data parallel over
-two CPU devices), and `lora train --packing` end to end; families that cannot pack refuse."""
+two CPU devices), and `lora train --packing` end to end; the GPT-2 port packs too; families that
+cannot pack (transformers' Flax classes, legacy) refuse."""
 
 from __future__ import annotations
 
@@ -83,17 +84,36 @@ def test_packed_rows_give_each_example_its_own_logits(monkeypatch):
         at += len(e.ids)
 
 
+def test_gpt2_port_packs_too(tiny_models):
+    """The GPT-2 port confines attention to each packed example and restarts its learned positions:
+    each example's logits in a packed row are its logits alone."""
+    model, ex = tiny_models["gpt2"], _examples()
+    assert model.check_packing(True) is True
+    packed = collate_packed([ex[:3]], 32, 0)
+    got = np.asarray(model.logits({"params": model.params}, *(jnp.asarray(packed[k]) for k in (
+        "input_ids", "attention_mask")), segment_ids=jnp.asarray(packed["segment_ids"]),
+        position_ids=jnp.asarray(packed["position_ids"])))
+    plain = collate(ex[:3], 16, 0)
+    alone = np.asarray(model.logits({"params": model.params}, jnp.asarray(plain["input_ids"]),
+                                    jnp.asarray(plain["attention_mask"])))
+    at = 0
+    for i, e in enumerate(ex[:3]):
+        np.testing.assert_allclose(got[0, at:at + len(e.ids)], alone[i, :len(e.ids)], atol=2e-5)
+        at += len(e.ids)
+
+
+@pytest.mark.legacy
 def test_families_without_segment_ids_refuse_packing(tiny_models):
     from flax_lora.errors import UserError
 
-    gpt2 = tiny_models["gpt2"]
-    assert gpt2.check_packing(False) is False and _model(scan=False).check_packing(True) is True
-    with pytest.raises(UserError, match="--packing needs a family on the project's decoder port.*gpt2") as err:
-        gpt2.check_packing(True)
+    opt = tiny_models["opt"]  # transformers' Flax class (the legacy extra)
+    assert opt.check_packing(False) is False and _model(scan=False).check_packing(True) is True
+    with pytest.raises(UserError, match="--packing needs a family on the project's decoder port.*opt") as err:
+        opt.check_packing(True)
     assert "\n" not in str(err.value)
     ids = jnp.ones((1, 4), jnp.int32)
     with pytest.raises(UserError, match="--packing"):
-        gpt2.logits({"params": gpt2.params}, ids, ids, segment_ids=ids)
+        opt.logits({"params": opt.params}, ids, ids, segment_ids=ids)
 
 
 def _one_step(model, batch):
@@ -170,10 +190,9 @@ def test_packed_step_is_the_same_data_parallel(tmp_path):
 
 @pytest.mark.slow
 def test_lora_train_packing_end_to_end(tmp_path):
-    """`lora train --packing` on a tiny Llama: fewer steps per epoch, finite losses, the run resumes;
-    the demo's GPT-2 refuses it with a one-line error."""
+    """`lora train --packing` on a tiny Llama: fewer steps per epoch, finite losses, the run resumes
+    (the legacy families' refusal: test_families_without_segment_ids_refuse_packing)."""
     from flax_lora import demo
-    from flax_lora.errors import UserError
     from flax_lora.models import hub
     from flax_lora.models.decoder import causal_lm_from_config
     from flax_lora.training.loop import train
@@ -195,5 +214,3 @@ def test_lora_train_packing_end_to_end(tmp_path):
     assert spe(tmp_path / "packed") < spe(tmp_path / "plain")
     losses = [r["loss"] for r in RunDir(tmp_path / "packed").read_metrics() if "loss" in r]
     assert len(losses) == 2 and all(np.isfinite(losses))
-    with pytest.raises(UserError, match="--packing needs"):
-        train(run_config(None, None, tmp_path / "demo", packing=True, max_steps=1), quiet=True)
