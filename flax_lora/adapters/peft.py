@@ -1,7 +1,7 @@
 """PEFT's adapter layout: export for ``PeftModel.from_pretrained`` and import of PEFT adapters.
 
-Module names: every supported family's Flax port (ours for the Llama family, transformers' for
-GPT-2, OPT, GPT-Neo, GPT-J, BLOOM, Gemma) mirrors the PyTorch module tree, so the torch module
+Module names: every supported family's Flax port (the project's for the Llama family, Gemma and
+GPT-2; transformers' for OPT, GPT-Neo, GPT-J, BLOOM) mirrors the PyTorch module tree, so the torch module
 path of a Flax module path is ``path.replace("/", ".")`` (``transformer/h/0/attn/c_attn`` ->
 ``transformer.h.0.attn.c_attn``; ``model/layers/0/self_attn/q_proj`` -> ``model.layers.0...``).
 

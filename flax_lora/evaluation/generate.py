@@ -5,8 +5,8 @@ Greedy generation has two implementations with one interface,
 and both produce the same tokens:
 
 * :func:`make_greedy_cached` (used wherever :func:`kv_cache_support` finds the model supports
-  it: the Llama port and transformers' Flax GPT-2, OPT, GPT-Neo, GPT-J, BLOOM, Gemma, Llama,
-  Mistral) runs the model with a KV cache, HF's Flax cache protocol: the prompts are moved to
+  it: the project's ports (decoder, GPT-2) and transformers' Flax OPT, GPT-Neo, GPT-J, BLOOM)
+  runs the model with a KV cache, HF's Flax cache protocol: the prompts are moved to
   the *left*-padded layout HF's Flax ``generate`` uses, the whole prompt block is run once
   (prefill), then one token per step in a ``lax.while_loop``; the attention mask covers the
   full cache and position ids are ``cumsum(mask) - 1``, so every row sees its own positions.

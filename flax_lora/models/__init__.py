@@ -2,7 +2,8 @@
 
 ``base`` the interface, ``registry`` model_type -> loader, ``hub`` where checkpoints, configs
 and tokenizers come from, ``weights`` safetensors without torch, ``stacking`` the scanned-layer
-layout, ``llama`` the project's port, ``hf`` transformers' Flax classes for older families.
+layout, ``decoder`` and ``gpt2`` the project's ports, ``rope`` their rotary embeddings, ``hf``
+transformers' Flax classes for the legacy families (the ``flax-legacy`` extra: transformers < 5).
 """
 
 from flax_lora.models.base import CausalLM
