@@ -224,6 +224,58 @@ def _table(size: int, results: dict) -> str:
     return "\n".join(rows)
 
 
+def _step_parts(spec: dict):
+    """(train step, abstract (state, frozen, batch)) of a ``flax_lora.perf.compiled`` case, the
+    batch one row per visible device (as ``compile_step`` builds them, before it compiles)."""
+    import jax
+    import jax.numpy as jnp
+
+    from flax_lora.lora import LoraConfig, init_lora
+    from flax_lora.models.base import CausalLM
+    from flax_lora.models.decoder import DecoderLM
+    from flax_lora.perf import compiled as C
+    from flax_lora.perf.shapes import bench_config, target_linears
+    from flax_lora.training.step import OptimConfig, init_state, make_optimizer, make_schedule, make_train_step
+
+    dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[spec["precision"]]
+    config = bench_config(spec["preset"], spec["seq"])
+    module = DecoderLM(config, dtype=dtype, param_dtype=dtype, scan=True, remat=spec["remat"])
+    chosen = target_linears(module, config, C.ATTENTION, dtype)
+    params, stack = C._abstract_params(spec, module, config, True)
+    oc = OptimConfig(1e-4, total_steps=10)
+    opt = make_optimizer(oc)
+    state = jax.eval_shape(lambda: init_state(stack(init_lora(chosen, 8, jax.random.PRNGKey(0))), opt, 0))
+    model = CausalLM(module, params, config, config.model_type, "mem", dtype, layers_stacked=True)
+    step = make_train_step(model, LoraConfig(8, 16), opt, make_schedule(oc))
+    ids = jax.ShapeDtypeStruct((1, jax.device_count(), spec["seq"]), jnp.int32)
+    return step, (state, params, {"input_ids": ids, "attention_mask": ids, "loss_mask": ids})
+
+
+def compile_check(case: str) -> dict:
+    """XLA's memory analysis (GiB per device) of the train step over every visible device, frozen
+    weights replicated and split, for ``preset:seq:precision[:remat]`` (a ``flax_lora.perf``
+    preset; abstract arguments, nothing allocated): what the advisor's split pricing rests on."""
+    import jax
+
+    from flax_lora.perf import compiled as C
+    from flax_lora.training.parallel import DataParallel
+
+    preset, seq, precision, *rest = case.split(":")
+    spec = dict(preset=preset, batch=1, seq=int(seq), precision=precision, quantization="none",
+                remat="remat" in rest, scan=True)
+    step, (state, params, batch) = _step_parts(spec)
+    out = {}
+    for split in (False, True):
+        dp = DataParallel(shard_frozen=split)
+        placed = lambda tree, sh: jax.tree_util.tree_map(  # noqa: E731
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sh)
+        args = (placed(state, jax.tree_util.tree_map(lambda _: dp.replicated, state)),
+                placed(params, dp.frozen_shardings(params)),
+                placed(batch, jax.tree_util.tree_map(lambda _: dp.batch_sharding, batch)))
+        out["split" if split else "replicated"] = C.memory_gb(dp.wrap(step, params).lower(*args).compile().memory_analysis())
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="bench")
@@ -231,11 +283,15 @@ def main(argv=None) -> int:
     p.add_argument("--runs", default=",".join(r[0] for r in RUNS), help="comma-separated run names")
     p.add_argument("--json", help="write every figure here")
     p.add_argument("--keep", help="checkpoint folder to write once and reuse")
+    p.add_argument("--compile", help="preset:seq:precision[:remat]: the compiled step's memory, replicated vs split")
     p.add_argument("--worker"), p.add_argument("--mode"), p.add_argument("--out")
     p.add_argument("--coordinator"), p.add_argument("--num-processes", type=int), p.add_argument("--process-id", type=int)
     args = p.parse_args(argv)
     if args.worker:
         return worker(args)
+    if args.compile:
+        print(json.dumps(compile_check(args.compile), indent=2))
+        return 0
     tmp = Path(tempfile.mkdtemp(prefix="sharded_load_"))
     folder = Path(args.keep) if args.keep else tmp / "model"
     size = (json.loads((folder / "size.json").read_text()) if (folder / "size.json").is_file()
