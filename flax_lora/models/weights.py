@@ -2,7 +2,10 @@
 
 Reading: a single ``model.safetensors`` or a sharded ``model.safetensors.index.json`` (which
 transformers 4.57's Flax ``from_pretrained`` rejects with NotImplementedError). bfloat16 is
-read through ``ml_dtypes`` (``safetensors.numpy`` cannot), tensors are memory-mapped.
+read through ``ml_dtypes`` (``safetensors.numpy`` cannot). :func:`read_checkpoint` memory-maps
+whole tensors; :func:`load_params` builds a model's params leaf by leaf from the headers'
+offsets, reading only the byte ranges each device's slice needs (:func:`read_slice`), straight
+into the leaf's sharding (models bigger than one device, ``lora train --shard-frozen``).
 
 Name mapping follows transformers' own PyTorch<->Flax convention, so it serves every family
 whose Flax port mirrors the PyTorch module names (Llama family, GPT-2, OPT, GPT-Neo, ...):

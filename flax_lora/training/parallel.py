@@ -2,8 +2,12 @@
 
 One mesh axis, ``data``, over all devices (all hosts). The batch ``[k, b, T]`` is split along
 ``b``; the LoRA state is replicated; the frozen weights are replicated, or, with
-``shard_frozen=True`` (FSDP/ZeRO-3 style, for models that do not fit one device), split along
-their largest dimension on the same axis and all-gathered by XLA where used. The train step is
+``shard_frozen=True`` (FSDP/ZeRO-3 style, for models that do not fit one device), split along one
+dimension on the same axis (a kernel's output axis when the device count divides it, else the
+largest it divides; none: kept whole) and all-gathered by XLA where used. :class:`FrozenPlan`
+decides which from the shapes before any weight is read, and the port's loader creates every
+leaf directly in its sharding (``flax_lora.models.weights.load_params``): no device and no host
+ever holds a full copy. The train step is
 the same function (``flax_lora.training.step.make_train_step``) re-jitted with these shardings: XLA
 inserts the gradient all-reduce, and the loss stays normalised by the target count of the
 *global* batch, so N devices give the update of one device with an N-times larger batch.
