@@ -12,6 +12,13 @@ accumulates in float32 either way and rounds once to bf16).
 :func:`dot_general` is what the port's ``nn.Dense`` layers and the LoRA path call: it takes this
 route for bf16 on the CPU backend and is ``lax.dot_general`` everywhere else (GPUs run bf16 dots
 natively). ``LORA_BF16_DOTS=xla`` turns it off, to compare (``benchmarks/bench.py``).
+
+Scanned layers add a second upcast: XLA:CPU cannot dynamic-slice bf16, so it converts each
+stacked [L, in, out] bf16 kernel to float32 once, outside the layer loop (a float32 copy of the
+frozen weights, written every step), and slices that. :func:`as_storage` views such stacks as
+uint16 (a free bitcast), so the loop slices integers; :func:`dense` takes the uint16 slice
+directly, bitcasts it back next to its dot and keeps the uint16 slice as the backward's
+residual (the scan then saves nothing per layer: the residual is its own input slice).
 """
 
 from __future__ import annotations
@@ -20,9 +27,11 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 _BF16 = jnp.dtype(jnp.bfloat16)
+STORAGE = jnp.dtype(jnp.uint16)  # bf16 kernels viewed as their bits (see the module doc)
 
 
 def native_bf16(*dtypes) -> bool:
@@ -36,10 +45,15 @@ def _dot(a, b, contract_a, contract_b, dtype):
     return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32).astype(dtype)
 
 
+def _weights(w):
+    return lax.bitcast_convert_type(w, jnp.bfloat16) if w.dtype == STORAGE else w
+
+
 @jax.custom_vjp
 def dense(x: jax.Array, w: jax.Array) -> jax.Array:
-    """``x[..., in] @ w[in, out]`` in ``x``'s dtype with float32 accumulation (see the module doc)."""
-    return _dot(x, w, (x.ndim - 1,), (0,), x.dtype)
+    """``x[..., in] @ w[in, out]`` in ``x``'s dtype with float32 accumulation (see the module doc);
+    ``w`` may be a bf16 kernel's uint16 view (:func:`as_storage`)."""
+    return _dot(x, _weights(w), (x.ndim - 1,), (0,), x.dtype)
 
 
 def _dense_fwd(x, w):
@@ -49,7 +63,9 @@ def _dense_fwd(x, w):
 def _dense_bwd(res, g):
     x, w = res
     g = g.astype(x.dtype)
-    dx = _dot(g, w, (g.ndim - 1,), (1,), x.dtype)  # g @ w.T
+    dx = _dot(g, _weights(w), (g.ndim - 1,), (1,), x.dtype)  # g @ w.T
+    if w.dtype == STORAGE:  # a frozen kernel's bits: no gradient
+        return dx, np.zeros(w.shape, jax.dtypes.float0)
     lead = tuple(range(x.ndim - 1))
     dw = _dot(x, g, lead, lead, w.dtype)  # x.T @ g over every leading axis; unused for frozen kernels
     return dx, dw
@@ -64,7 +80,7 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     (contract_l, contract_r), batch = dimension_numbers
     dense_shaped = (tuple(contract_l) == (lhs.ndim - 1,) and tuple(contract_r) == (0,) and rhs.ndim == 2
                     and batch == ((), ()) and preferred_element_type is None)
-    if dense_shaped and native_bf16(lhs.dtype, rhs.dtype):
+    if dense_shaped and (rhs.dtype == STORAGE or native_bf16(lhs.dtype, rhs.dtype)):
         return dense(lhs, rhs)
     return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                            preferred_element_type=preferred_element_type)
@@ -100,6 +116,30 @@ def _einsum_bwd(spec, out_dtype, res, g):
 
 
 _einsum.defvjp(_einsum_fwd, _einsum_bwd)
+
+
+def promote_dtype(*args, dtype=None, inexact=True):
+    """``nn.Dense``'s operand promotion, leaving a kernel's uint16 view (:func:`as_storage`) as it is."""
+    from flax.linen.dtypes import promote_dtype as flax_promote
+
+    if any(a is not None and getattr(a, "dtype", None) == STORAGE for a in args):
+        return tuple(a if a is None or a.dtype == STORAGE else jnp.asarray(a, dtype) for a in args)
+    return flax_promote(*args, dtype=dtype, inexact=inexact)
+
+
+def as_storage(params):
+    """Stacked bf16 kernels (``.../kernel`` leaves of 3 or more axes) viewed as uint16, on XLA:CPU
+    only; every other leaf as it is (see the module doc)."""
+    if not native_bf16(jnp.bfloat16):
+        return params
+
+    def view(path, leaf):
+        name = getattr(path[-1], "key", None)
+        if name == "kernel" and getattr(leaf, "ndim", 0) >= 3 and leaf.dtype == _BF16:
+            return lax.bitcast_convert_type(leaf, STORAGE)
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(view, params)
 
 
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:

@@ -174,6 +174,7 @@ class RMSNorm(nn.Module):
 
 def _dense(features, bias, dtype, param_dtype, config, name):
     return nn.Dense(features, use_bias=bias, dtype=dtype, param_dtype=param_dtype, dot_general=matmul.dot_general,
+                    promote_dtype=matmul.promote_dtype,
                     kernel_init=nn.initializers.normal(config.initializer_range), name=name)
 
 
@@ -371,6 +372,8 @@ class LayerCollection(nn.Module):
                             split_rngs={"params": True, "lora_dropout": True, "dropout": True},
                             in_axes=(nn.broadcast,) * (2 if segment_ids is None else 3),
                             length=cfg.num_hidden_layers)
+            if not self.is_initializing():  # stacked bf16 kernels sliced as uint16 on XLA:CPU (matmul.as_storage)
+                stack = nn.map_variables(stack, "params", trans_in_fn=matmul.as_storage)
             extra = () if segment_ids is None else (segment_ids,)
             x, _ = stack(cfg, specs[0], name=STACK, **kw)(x, attention_mask, tables, *extra)
             return x, hidden
