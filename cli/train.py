@@ -160,7 +160,7 @@ def eval_cmd(run_dir, data, rouge_examples):
 
     s, lora = load_run(run_dir, data=data)
     ev = Evaluator(s.model, s.lora_cfg, s.tokenizer, s.eval_examples, max_length=s.cfg.max_length,
-                   max_new_tokens=s.cfg.max_new_tokens)
+                   max_new_tokens=s.cfg.max_new_tokens, stop_ids=s.stop_ids)
     res = ev.evaluate(lora, s.model.params, rouge_examples)
     res.pop("samples", None)
     click.echo(json.dumps(res, indent=2))

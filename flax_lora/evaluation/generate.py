@@ -291,6 +291,16 @@ def end_of_turn(template: str, special: dict) -> str:
     return text[at + len(_ANSWER):].strip() if at >= 0 else ""
 
 
+def end_of_turn_ids(tokenizer, template: str) -> tuple[tuple[int, ...], str | None]:
+    """(stop ids, cut) of a chat template: its end-of-turn as one stop token beside the tokenizer's
+    eos, or, when the end-of-turn is several tokens, the eos alone and the marker to cut at."""
+    marker = end_of_turn(template, tokenizer.special)
+    marker_ids = tokenizer.encode(marker)[0] if marker else []
+    if len(marker_ids) == 1:
+        return stop_ids_of([*stop_ids_of(tokenizer.eos_id), *marker_ids]), None
+    return stop_ids_of(tokenizer.eos_id), marker or None
+
+
 @dataclass(frozen=True)
 class Prompt:
     """A prompt's token ids and where its answer ends: ``stop_ids`` stop decoding (the tokenizer's
@@ -315,11 +325,8 @@ class Prompt:
 
         messages = ([] if system is None else [{"role": "system", "content": system}]) + [{"role": "user", "content": text}]
         ids = tokenizer.encode(render(template, messages, tokenizer.special, add_generation_prompt=True))[0]
-        marker = end_of_turn(template, tokenizer.special)
-        marker_ids = tokenizer.encode(marker)[0] if marker else []
-        if len(marker_ids) == 1:
-            return cls(tuple(ids), stop_ids_of([*stop_ids_of(tokenizer.eos_id), *marker_ids]))
-        return cls(tuple(ids), stop_ids_of(tokenizer.eos_id), marker or None)
+        stops, cut = end_of_turn_ids(tokenizer, template)
+        return cls(tuple(ids), stops, cut)
 
     def answer(self, tokenizer, tokens) -> str:
         """The generated tokens (stop token removed) as text, cut at a multi-token end-of-turn."""

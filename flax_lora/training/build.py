@@ -43,6 +43,7 @@ class Setup:
     template_origin: str | None = None  # where a chat's template came from
     dp: Any = None  # flax_lora.training.parallel.DataParallel with several devices (the frozen weights' mesh)
     notes: tuple[str, ...] = ()  # how the frozen weights were placed, to say once
+    stop_ids: tuple[int, ...] = ()  # a chat template's one-token end-of-turn: evaluation's answers end there
 
 
 def sources(cfg: RunConfig, rd: RunDir) -> Sources:
@@ -146,16 +147,18 @@ def build(cfg: RunConfig, rd: RunDir, *, with_train: bool = True) -> Setup:
     src = sources(cfg, rd)
     train_rows, eval_rows, fmt, reports = _rows(cfg, src)
     model, tokenizer, linears, plan = _model(cfg, src)
-    template, template_origin = None, None
+    template, template_origin, stop_ids = None, None, ()
     if fmt.kind == "chat":
         from advisor.templates import choose
+        from flax_lora.evaluation.generate import end_of_turn_ids
 
         template, template_origin = choose(tokenizer.chat_template, cfg.chat_template)
+        stop_ids = end_of_turn_ids(tokenizer, template)[0]
     train_ex = _examples(cfg, train_rows, fmt, tokenizer, template, reports["train"]) if with_train else []
     eval_ex = _examples(cfg, eval_rows, fmt, tokenizer, template, reports.get("eval", reports["train"]))
     targets, lora_cfg, init = _targets(cfg, model, linears)
     return Setup(cfg, src, model, tokenizer, fmt, train_ex, eval_ex, linears, targets, lora_cfg, reports, init,
-                 template_origin, plan.dp, tuple(plan.notes(model.params)))
+                 template_origin, plan.dp, tuple(plan.notes(model.params)), stop_ids)
 
 
 def load_run(run_dir: str | Path, *, data: str | None = None):

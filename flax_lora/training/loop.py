@@ -346,6 +346,6 @@ def _place(cfg: RunConfig, rd: RunDir, s: Setup, resuming: bool, signals: Signal
         place=dp.put_state if dp else (lambda st: st), lora0=lora0,
         saver=Saver(Checkpoints(rd.checkpoints, keep=cfg.keep_checkpoints)),
         evaluator=Evaluator(s.model, s.lora_cfg, s.tokenizer, s.eval_examples, max_length=cfg.max_length,
-                            max_new_tokens=cfg.max_new_tokens),
+                            max_new_tokens=cfg.max_new_tokens, stop_ids=s.stop_ids),
         writers=make_writers(cfg.report_to, rd, cfg.to_json(), rd.primary), say=say, show_progress=show,
         flops_per_token=model_flops_fn(s.model.params, lora0, s.model.config), signals=signals, dp=dp)

@@ -132,6 +132,11 @@ def test_run_trained_on_chats_prompts_with_a_user_turn(chat_model, spy, tmp_path
     res = CliRunner().invoke(cli, ["train", "--model", str(d / "model"), "--data", str(d / "chat.jsonl"),
                                    "--output", str(tmp_path / "run"), "--max-steps", "2", "--max-length", "64", "--quiet"])
     assert res.exit_code == 0, res.output
+    end = tok.encode("<|im_end|>")[0]
+    assert len(end) == 1 and spy and all(end[0] in call["stops"] for call in spy)  # the run's ROUGE answers end there
+    n = len(spy)
+    assert CliRunner().invoke(cli, ["eval", str(tmp_path / "run"), "--rouge-examples", "2"]).exit_code == 0
+    assert len(spy) > n and all(end[0] in call["stops"] for call in spy[n:])  # and lora eval's
     _generate(tmp_path / "run", "--prompt", QUESTION, "--max-new-tokens", 4, "--system", "Be brief.")
     assert spy[-1]["ids"] == _training_prompt(tok, tok.chat_template, "Be brief.")
     _generate(tmp_path / "run", "--prompt", QUESTION, "--max-new-tokens", 4, "--no-chat")
