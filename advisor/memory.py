@@ -232,7 +232,7 @@ def breakdown(shape: ModelShape, s: Setup) -> dict[str, float]:
     n_targets = sum(1 for name, _, _ in linear_layers(shape) if any(name_matches(name, t) for t in s.targets))
     tokens = s.batch * s.max_length
     parts = {
-        "frozen_weights": frozen_weight_bytes(shape, s.precision, s.quantization),
+        **frozen_parts(shape, s),
         "lora_params": lora * 4.0,
         "gradients": lora * 4.0,
         "optimizer_states": lora * 4.0 * ADAM_STATES,
