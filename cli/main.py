@@ -32,7 +32,7 @@ HELP = {
     "train": "Train a LoRA adapter (from an advice file, or the built-in demo).",
     "eval": "Evaluate a run directory: loss, perplexity, ROUGE.",
     "generate": "Generate text from a run directory or a model (+ adapter).",
-    "export": "Export a run's adapter for PEFT, or a merged checkpoint.",
+    "export": "Export a run's adapter: PEFT, a merged checkpoint, or GGUF for llama.cpp.",
     "diagnose": "Read a run's metrics and apply the guide's 'Signs of ...' rules.",
     "data": "Show how a data file's rows become training tokens (format, drops, lengths, trained spans).",
 }

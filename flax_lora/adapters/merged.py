@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 import numpy as np
 from flax.traverse_util import flatten_dict
@@ -20,7 +20,7 @@ from flax_lora.adapters.native import CONFIG as NATIVE_CONFIG
 from flax_lora.adapters.native import load_adapter
 from flax_lora.adapters.peft import torch_module, unstacked
 from flax_lora.errors import UserError
-from flax_lora.lora import LinearInfo, lora_paths
+from flax_lora.lora import LinearInfo, LoraConfig, lora_paths
 from flax_lora.models.hub import TORCH_DTYPES, resolve
 
 TOKENIZER_FILES = (
@@ -98,10 +98,21 @@ def _clean_config(cfg: dict, dtype: str) -> dict:
     return cfg
 
 
-def export_merged(src: str | Path, out: str | Path, base: str | Path | None = None) -> Path:
-    """A full Hugging Face checkpoint (PyTorch layout) with the native adapter ``src`` folded into the base weights."""
-    from flax_lora.models.weights import write_checkpoint
+class BaseOf(NamedTuple):
+    """An adapter with the base model it was trained on, resolved to a local folder."""
 
+    lora: dict
+    config: LoraConfig
+    linears: dict[str, LinearInfo]
+    meta: dict
+    run_dir: Path  # the run directory (or the adapter folder when it is not inside one)
+    folder: Path  # the base model's folder
+    model_config: dict  # the base model's config.json
+
+
+def adapter_and_base(src: str | Path, base: str | Path | None = None) -> BaseOf:
+    """Load the native adapter ``src`` and find its base model (``base``, else the adapter's
+    ``base_model``, relative to where training ran), checked to be the family it was trained on."""
     src = Path(src)
     lora, config, linears, meta = load_adapter(src)
     base = str(base or meta.get("base_model") or "")
@@ -115,9 +126,22 @@ def export_merged(src: str | Path, out: str | Path, base: str | Path | None = No
     cfg = json.loads((folder / "config.json").read_text())
     if meta.get("model_type") and cfg.get("model_type") and meta["model_type"] != cfg["model_type"]:
         raise UserError(f"adapter was trained on a {meta['model_type']} model, base {base!r} is {cfg['model_type']}")
-    tensors = merged_state_dict(
-        _base_tensors(folder), lora, config.scaling, linears, tied=bool(cfg.get("tie_word_embeddings", False))
-    )
+    return BaseOf(lora, config, linears, meta, run_dir, folder, cfg)
+
+
+def merged_tensors(b: BaseOf) -> dict[str, np.ndarray]:
+    """The base model's PyTorch state dict with ``b``'s adapter folded in (each weight in its dtype)."""
+    return merged_state_dict(_base_tensors(b.folder), b.lora, b.config.scaling, b.linears,
+                             tied=bool(b.model_config.get("tie_word_embeddings", False)))
+
+
+def export_merged(src: str | Path, out: str | Path, base: str | Path | None = None) -> Path:
+    """A full Hugging Face checkpoint (PyTorch layout) with the native adapter ``src`` folded into the base weights."""
+    from flax_lora.models.weights import write_checkpoint
+
+    b = adapter_and_base(src, base)
+    run_dir, folder, cfg = b.run_dir, b.folder, b.model_config
+    tensors = merged_tensors(b)
     out = Path(out)
     float_dtypes = {str(t.dtype) for t in tensors.values() if t.dtype.kind == "f" or str(t.dtype) == "bfloat16"}
     dtype = "bfloat16" if "bfloat16" in float_dtypes else ("float16" if float_dtypes == {"float16"} else "float32")
