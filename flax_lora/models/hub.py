@@ -108,6 +108,10 @@ def _converted(folder: Path, source: str):
         raise UserError(f"model {source!r}: no usable tokenizer in {folder} ({exc})") from None
     if not getattr(hf, "is_fast", False):
         raise UserError(f"model {source!r}: its tokenizer has no fast (tokenizer.json) form")
+    if hf.backend_tokenizer.get_vocab_size() <= len(set(getattr(hf, "all_special_tokens", ()))):
+        # transformers 5 makes an empty tokenizer (special tokens only) of a folder without vocabulary files
+        raise UserError(f"model {source!r}: no usable tokenizer in {folder} (no vocabulary: tokenizer.json, "
+                        "tokenizer.model or vocab.json + merges.txt)")
     config = {k: getattr(hf, k, None) for k in SPECIALS}
     return Tokenizer(hf.backend_tokenizer, config, chat_template=getattr(hf, "chat_template", None), name=source)
 

@@ -67,6 +67,26 @@ def test_a_folder_without_tokenizer_files_is_a_user_error(tmp_path):
         load_tokenizer(str(tmp_path))
 
 
+def test_a_tokenizer_without_tokenizer_json_is_converted(tmp_path):
+    """GPT-2's vocab.json + merges.txt (no tokenizer.json) become a fast tokenizer through
+    transformers' conversion, in 4.57 and 5.x alike, with the files' vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import GPT2Config
+
+    from flax_lora.models import load_tokenizer
+    from tests.helpers import CORPUS
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.model.save(str(tmp_path))  # vocab.json, merges.txt
+    GPT2Config(vocab_size=300, bos_token_id=0, eos_token_id=0).save_pretrained(tmp_path)
+    tok = load_tokenizer(str(tmp_path))
+    assert tok.vocab_size() == bpe.get_vocab_size() > 250
+    assert tok.backend.encode("The capital of France").ids == bpe.encode("The capital of France").ids
+
+
 def test_ported_families_need_no_flax_classes(no_flax):
     """GPT-2 (the demo's model) and Gemma 1 load on the ports with the Flax classes gone."""
     from transformers import GemmaConfig, GPT2Config

@@ -121,10 +121,33 @@ def test_eval_generate_and_continue_a_scanned_run(runs, llama_dir, tmp_path):
     assert first == pytest.approx(before, rel=1e-4)
 
 
-def test_remat_is_refused_for_a_family_without_it(tmp_path):
+@pytest.mark.legacy
+def test_remat_is_refused_for_a_family_without_it(tmp_path, llama_dir):
+    """OPT runs on transformers' Flax class (the flax-legacy extra), which has no remat."""
+    from click.testing import CliRunner
+    from transformers import OPTConfig
+
+    from cli.main import cli
+    from flax_lora import demo
+    from flax_lora.models import hub
+    from flax_lora.models.registry import from_config
+
+    cfg = OPTConfig(hidden_size=16, ffn_dim=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=32,
+                    word_embed_proj_dim=16, max_position_embeddings=64)
+    hub.save_pt_safetensors(tmp_path / "opt", from_config(cfg).params, cfg)
+    demo.save_tokenizer(demo.build_tokenizer(), tmp_path / "opt")
+    res = CliRunner().invoke(cli, ["train", "--model", str(tmp_path / "opt"), "--data", str(llama_dir / "train.jsonl"),
+                                   "--output", str(tmp_path / "r"), "--remat", "--max-steps", "2", "-q"])
+    assert res.exit_code == 2 and "--remat" in res.output and "'opt'" in res.output, res.output
+
+
+def test_remat_trains_the_demo_on_the_gpt2_port(tmp_path):
+    """The demo's GPT-2 runs on the project's port, which recomputes activations (--remat) too."""
     from click.testing import CliRunner
 
     from cli.main import cli
 
-    res = CliRunner().invoke(cli, ["train", "--output", str(tmp_path / "r"), "--remat", "--max-steps", "2", "-q"])
-    assert res.exit_code == 2 and "--remat" in res.output and "gpt2" in res.output, res.output
+    res = CliRunner().invoke(cli, ["train", "--output", str(tmp_path / "r"), "--remat", "--max-steps", "2",
+                                   "--eval-every", "0", "-q"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "r" / "resolved.json").read_text())["model_type"] == "gpt2"
