@@ -235,6 +235,7 @@ def test_demo_adapter_trained_on_nf4_weights_reaches_the_unquantized_eval_loss(t
     """The built-in demo, 300 steps, same seed: the adapter trained on NF4 frozen weights ends
     within 5% of the eval loss of the one trained on the fp32 weights. The NF4 weights are put in
     by wrapping build._model (what ``--quantization nf4`` will do once build.py has the wiring)."""
+    from flax_lora.models.stacking import in_layout
     from flax_lora.training import build
     from flax_lora.training.loop import train
     from tests.helpers import run_config
@@ -243,9 +244,10 @@ def test_demo_adapter_trained_on_nf4_weights_reaches_the_unquantized_eval_loss(t
     losses = {}
     for fmt in ("none", "nf4"):
         def model(cfg, src, fmt=fmt):
-            m, tokenizer, linears = original(cfg, src)
-            m.params = quantize_as(m.params, fmt, [p for p, i in linears.items() if i.kind == "conv1d"])
-            return m, tokenizer, linears
+            m, tokenizer, linears, *plan = original(cfg, src)
+            conv1d = in_layout([p for p, i in linears.items() if i.kind == "conv1d"], m.layers_stacked)
+            m.params = quantize_as(m.params, fmt, conv1d)  # the GPT-2 port's stacked Conv1D kernels
+            return (m, tokenizer, linears, *plan)
 
         monkeypatch.setattr(build, "_model", model)
         cfg = run_config(None, None, tmp_path / fmt, max_steps=300, eval_every=300, save_every=300)
