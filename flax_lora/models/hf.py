@@ -53,15 +53,17 @@ def require_flax(model_type: str) -> None:
 
 
 def _flax_class(config):
+    """transformers' Flax class of a legacy family; any other model type is refused as unsupported
+    (the extra would not help it), a legacy one without the Flax classes with the extra's hint."""
+    if config.model_type not in SUPPORTED:
+        from flax_lora.models import decoder, gpt2
+
+        ports = ", ".join(sorted(decoder.MODEL_TYPES + gpt2.MODEL_TYPES))
+        raise UserError(f"model type {config.model_type!r} is not supported; the project's ports: {ports}; "
+                        f"with the flax-legacy extra: {', '.join(SUPPORTED)}")
     require_flax(config.model_type)
     from transformers import FlaxAutoModelForCausalLM
-    from transformers.models.auto.modeling_flax_auto import FLAX_MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    if config.model_type not in SUPPORTED or config.model_type not in FLAX_MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise UserError(
-            f"model type {config.model_type!r} has no Flax causal LM here; "
-            f"legacy families: {', '.join(SUPPORTED)}"
-        )
     return FlaxAutoModelForCausalLM._model_mapping[type(config)]
 
 

@@ -44,6 +44,17 @@ def test_legacy_family_without_flax_classes_is_a_one_line_hint(no_flax, tmp_path
         load_model(str(tmp_path))
 
 
+def test_a_family_neither_ported_nor_legacy_is_unsupported_not_an_install_hint():
+    from transformers import XGLMConfig
+
+    from flax_lora.errors import UserError
+    from flax_lora.models.registry import from_config
+
+    with pytest.raises(UserError, match=r"model type 'xglm' is not supported; the project's ports: .*gpt2.*llama.*"
+                                        r"with the flax-legacy extra: opt, gpt_neo, gptj, bloom$"):
+        from_config(XGLMConfig(d_model=16, num_layers=1, attention_heads=2, ffn_dim=32, vocab_size=32))
+
+
 def test_lora_train_on_a_legacy_family_exits_2_with_the_hint(no_flax, tmp_path, demo_assets):
     from cli.main import cli
     from flax_lora import demo
