@@ -111,7 +111,8 @@ def test_architecture_metadata(built):
     want = {"block_count": cfg["num_hidden_layers"], "context_length": 128, "embedding_length": 64, "feed_forward_length": cfg["intermediate_size"],
             "attention.head_count": 4, "attention.head_count_kv": 2}
     assert {k: fields[f"{arch}.{k}"] for k in want} == want
-    assert fields[f"{arch}.rope.freq_base"] == pytest.approx(cfg["rope_theta"])
+    theta = cfg.get("rope_theta") or cfg["rope_parameters"]["rope_theta"]  # config.json of transformers 4.57 / 5.x
+    assert fields[f"{arch}.rope.freq_base"] == pytest.approx(theta)
     assert fields[f"{arch}.attention.layer_norm_rms_epsilon"] == pytest.approx(cfg["rms_norm_eps"])
     if cfg.get("head_dim"):
         assert fields[f"{arch}.attention.key_length"] == fields[f"{arch}.attention.value_length"] == cfg["head_dim"]
