@@ -55,6 +55,7 @@ def adapter_tensors(run: Path) -> dict[str, np.ndarray]:
 
 def metric_rows(run: Path) -> list[dict]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r.get("event") != "first_step"]  # startup timings: wall-clock, one per start
     for row in rows:
         row.pop("tokens_per_second", None)  # wall-clock, differs between runs
     return rows
