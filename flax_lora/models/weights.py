@@ -236,23 +236,13 @@ def safetensors_bytes(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, 
 def _write_safetensors(path: Path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None) -> None:
     """Write one safetensors file atomically, a tensor at a time (no copy of the whole file in
     memory): a temporary file beside ``path``, fsync, rename."""
-    import os
-    import tempfile
+    from advisor.io import atomic_open
 
     head, names = _layout(tensors, metadata)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(head)
-            for name in names:
-                f.write(np.ascontiguousarray(tensors[name]).view(np.uint8).reshape(-1).data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as f:
+        f.write(head)
+        for name in names:
+            f.write(np.ascontiguousarray(tensors[name]).view(np.uint8).reshape(-1).data)
 
 
 def write_checkpoint(directory: str | Path, tensors: Mapping[str, np.ndarray], max_shard_bytes: int = 5 * 2**30) -> list[Path]:
