@@ -11,7 +11,8 @@ accumulates in float32 either way and rounds once to bf16).
 
 :func:`dot_general` is what the port's ``nn.Dense`` layers and the LoRA path call: it takes this
 route for bf16 on the CPU backend and is ``lax.dot_general`` everywhere else (GPUs run bf16 dots
-natively). ``LORA_BF16_DOTS=xla`` turns it off, to compare (``benchmarks/bench.py``).
+natively). ``LORA_BF16_DOTS=xla`` turns it all off and ``=dots`` keeps only the dots (no uint16
+kernels, no packed residuals: :mod:`flax_lora.residuals`), to compare (``benchmarks/bf16_ab.py``).
 
 Scanned layers add a second upcast: XLA:CPU cannot dynamic-slice bf16, so it converts each
 stacked [L, in, out] bf16 kernel to float32 once, outside the layer loop (a float32 copy of the
@@ -24,6 +25,7 @@ residual (the scan then saves nothing per layer: the residual is its own input s
 from __future__ import annotations
 
 import os
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -49,29 +51,39 @@ def _weights(w):
     return lax.bitcast_convert_type(w, jnp.bfloat16) if w.dtype == STORAGE else w
 
 
-@jax.custom_vjp
-def dense(x: jax.Array, w: jax.Array) -> jax.Array:
-    """``x[..., in] @ w[in, out]`` in ``x``'s dtype with float32 accumulation (see the module doc);
-    ``w`` may be a bf16 kernel's uint16 view (:func:`as_storage`)."""
-    return _dot(x, _weights(w), (x.ndim - 1,), (0,), x.dtype)
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def dense(x: jax.Array, w: jax.Array, w_in: int = 0) -> jax.Array:
+    """``x[..., in] @ w[in, out]`` (``w_in=1``: ``w`` is [out, in], GPT-2's Conv1D layout) in
+    ``x``'s dtype with float32 accumulation (see the module doc); ``w`` may be a bf16 kernel's
+    uint16 view (:func:`as_storage`)."""
+    return _dot(x, _weights(w), (x.ndim - 1,), (w_in,), x.dtype)
 
 
-def _dense_fwd(x, w):
-    return dense(x, w), (x, w)
+def _dense_fwd(x, w, w_in):
+    return dense(x, w, w_in), (x, w)
 
 
-def _dense_bwd(res, g):
+def _dense_bwd(w_in, res, g):
     x, w = res
     g = g.astype(x.dtype)
-    dx = _dot(g, _weights(w), (g.ndim - 1,), (1,), x.dtype)  # g @ w.T
+    dx = _dot(g, _weights(w), (g.ndim - 1,), (1 - w_in,), x.dtype)  # g @ w.T
     if w.dtype == STORAGE:  # a frozen kernel's bits: no gradient
         return dx, np.zeros(w.shape, jax.dtypes.float0)
     lead = tuple(range(x.ndim - 1))
     dw = _dot(x, g, lead, lead, w.dtype)  # x.T @ g over every leading axis; unused for frozen kernels
-    return dx, dw
+    return dx, (dw if w_in == 0 else dw.T)
 
 
 dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+def linear(x: jax.Array, kernel: jax.Array, dtype, w_in: int = 0) -> jax.Array:
+    """``x @ kernel`` (``w_in=1``: ``x @ kernel.T``) computed in ``dtype``: through :func:`dense`
+    for bf16 on the CPU or a uint16 kernel view, else one ``lax.dot_general``."""
+    x = jnp.asarray(x, dtype)
+    if kernel.dtype == STORAGE or native_bf16(dtype):
+        return dense(x, kernel if kernel.dtype == STORAGE else jnp.asarray(kernel, dtype), w_in)
+    return lax.dot_general(x, jnp.asarray(kernel, dtype), (((x.ndim - 1,), (w_in,)), ((), ())))
 
 
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
@@ -127,16 +139,32 @@ def promote_dtype(*args, dtype=None, inexact=True):
     return flax_promote(*args, dtype=dtype, inexact=inexact)
 
 
+def _stacked_bf16_kernel(path, leaf) -> bool:
+    return (getattr(path[-1], "key", None) == "kernel" and getattr(leaf, "ndim", 0) >= 3
+            and getattr(leaf, "dtype", None) == _BF16)
+
+
 def as_storage(params):
     """Stacked bf16 kernels (``.../kernel`` leaves of 3 or more axes) viewed as uint16, on XLA:CPU
     only; every other leaf as it is (see the module doc)."""
     if not native_bf16(jnp.bfloat16):
         return params
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: lax.bitcast_convert_type(x, STORAGE) if _stacked_bf16_kernel(path, x) else x, params)
+
+
+def storage_view(params):
+    """:func:`as_storage` done once, outside the step: a jitted step that bitcasts the stacks itself
+    writes a copy of every stacked kernel each call (XLA:CPU materializes the bitcast). On one
+    CPU device the view shares the kernel's buffer (``device_put`` of a numpy view does not copy);
+    leaves spread over several devices are left for the step to view. A leaf not committed to its
+    device stays uncommitted (else the step would compile again once its outputs come back committed)."""
+    if not native_bf16(jnp.bfloat16) or os.environ.get("LORA_BF16_DOTS") == "dots":
+        return params
 
     def view(path, leaf):
-        name = getattr(path[-1], "key", None)
-        if name == "kernel" and getattr(leaf, "ndim", 0) >= 3 and leaf.dtype == _BF16:
-            return lax.bitcast_convert_type(leaf, STORAGE)
+        if _stacked_bf16_kernel(path, leaf) and len(leaf.sharding.device_set) == 1:
+            return jax.device_put(np.asarray(leaf).view(np.uint16), leaf.sharding if leaf.committed else None)
         return leaf
 
     return jax.tree_util.tree_map_with_path(view, params)

@@ -35,8 +35,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from flax_lora import matmul
+from flax_lora import matmul, residuals
 from flax_lora.errors import UserError
+from flax_lora.lora import DROPOUT_RNG, LORA
 from flax_lora.models import rope as R
 from flax_lora.models.stacking import STACK
 
@@ -343,9 +344,30 @@ class DecoderLayer(nn.Module):
         return x + norm("post_feedforward_layernorm")(mlp(x))
 
 
+_LAYER_RNGS = (DROPOUT_RNG, "dropout")  # the streams a layer may draw from (LoRA dropout, dropout)
+
+
 class _ScanLayer(DecoderLayer):
-    def __call__(self, x, attention_mask, tables, segment_ids=None):  # noqa: D102 - (carry, output) for nn.scan
-        return super().__call__(x, attention_mask, tables, segment_ids), None
+    """A decoder layer as ``nn.scan``'s body: (carry, output); bf16 on XLA:CPU keeps its backward
+    residuals packed as integers (:mod:`flax_lora.residuals`) when training."""
+
+    def __call__(self, x, attention_mask, tables, segment_ids=None):  # noqa: D102
+        if self.init_cache or self.is_initializing() or not residuals.wanted(self.dtype):
+            return super().__call__(x, attention_mask, tables, segment_ids), None
+        return self._packed(x, attention_mask, tables, segment_ids), None
+
+    def _packed(self, x, attention_mask, tables, segment_ids):
+        """The same layer as a pure function of this slice's variables, under :func:`residuals.layer_vjp`."""
+        layer = DecoderLayer(self.config, self.spec, self.dtype, self.param_dtype, parent=None)
+        names = [n for n in _LAYER_RNGS if self.has_rng(n)]
+        keys = tuple(self.make_rng(n) for n in names)
+
+        def apply(params, lora, h, attention_mask, tables, segment_ids, keys):
+            variables = {"params": params} if lora is None else {"params": params, LORA: lora}
+            return layer.apply(variables, h, attention_mask, tables, segment_ids, rngs=dict(zip(names, keys)))
+
+        return residuals.layer_vjp(apply)(self.variables["params"], self.variables.get(LORA), x,
+                                          attention_mask, tables, segment_ids, keys)
 
 
 class LayerCollection(nn.Module):

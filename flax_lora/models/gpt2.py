@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from flax_lora import matmul
 from flax_lora.errors import UserError
 from flax_lora.models.decoder import ACTIVATIONS, CausalLMOutput, _allowed, _explicit_attention, _fused_attention
 from flax_lora.models.stacking import STACK
@@ -65,7 +66,7 @@ class Conv1D(nn.Module):
         x = jnp.asarray(x, self.dtype)
         kernel = self.param("kernel", nn.initializers.normal(CONV1D_INIT_STD), (self.features, x.shape[-1]),
                             self.param_dtype)
-        y = lax.dot_general(x, jnp.asarray(kernel, self.dtype), (((x.ndim - 1,), (1,)), ((), ())))
+        y = matmul.linear(x, kernel, self.dtype, w_in=1)  # bf16 on XLA:CPU: the native bf16 dots (flax_lora.matmul)
         if self.use_bias:
             y = y + jnp.asarray(self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype), self.dtype)
         return y

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_lora.lora import LoraConfig, count_params, init_lora
+from flax_lora.matmul import storage_view
 from flax_lora.models.base import CausalLM
 from flax_lora.models.decoder import DecoderLM, load_decoder
 from flax_lora.models.stacking import stack_layers
@@ -94,7 +95,7 @@ def build_model(shape: dict, *, seq, precision, scan, remat, quantization, r, ta
 
         params = quantize_as(params, quantization)
     model = CausalLM(module, params, config, "llama", "bench", dtype, layers_stacked=scan)
-    return model, params, lora, params_seconds
+    return model, storage_view(params), lora, params_seconds  # the frozen params as `lora train` passes them
 
 
 def _time_steps(step, state, params, host_batch, *, steps, warmup):

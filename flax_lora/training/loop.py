@@ -312,6 +312,7 @@ def _place(cfg: RunConfig, rd: RunDir, s: Setup, resuming: bool, signals: Signal
     from flax_lora.data.batch import Batches
     from flax_lora.evaluation.evaluator import Evaluator
     from flax_lora.lora import init_lora
+    from flax_lora.matmul import storage_view
     from flax_lora.perf.flops import model_flops_fn
     from flax_lora.training.checkpoint import Checkpoints
     from flax_lora.training.parallel import bytes_per_device
@@ -341,7 +342,7 @@ def _place(cfg: RunConfig, rd: RunDir, s: Setup, resuming: bool, signals: Signal
         steps_per_epoch=batches.steps_per_epoch, total_steps=cfg.max_steps or cfg.epochs * batches.steps_per_epoch)
     return Job(
         cfg=cfg, rd=rd, setup=s, resolved=resolved, resuming=resuming, batches=batches,
-        frozen=dp.put_frozen(s.model.params) if dp else s.model.params,
+        frozen=storage_view(dp.put_frozen(s.model.params) if dp else s.model.params),
         feed=(lambda b: dp.put_batch({k: v[:, rows] for k, v in b.items()})) if dp else (lambda b: b),
         place=dp.put_state if dp else (lambda st: st), lora0=lora0,
         saver=Saver(Checkpoints(rd.checkpoints, keep=cfg.keep_checkpoints)),

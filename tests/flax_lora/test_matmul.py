@@ -110,3 +110,32 @@ def test_the_bf16_train_step_has_no_float32_dot_and_no_float32_weights():
     assert ops and all(o == ("bf16", "bf16") for o in ops), sorted(set(ops))
     stacked = [line for line in hlo.splitlines() if re.search(r"= f32\[2,(64|128),(32|64|128)\]", line)]
     assert not stacked, stacked[:3]
+
+
+def test_storage_view_shares_the_kernels_buffer_and_leaves_the_rest():
+    x, w, _ = _inputs()
+    stacked = jax.device_put(jnp.stack([w, w + 1]))
+    params = {"stack": {"kernel": stacked, "bias": stacked[:, 0]}, "embed": {"kernel": w}}
+    view = M.storage_view(params)
+    kernel = view["stack"]["kernel"]
+    assert kernel.dtype == M.STORAGE and kernel.unsafe_buffer_pointer() == stacked.unsafe_buffer_pointer()
+    assert view["stack"]["bias"] is params["stack"]["bias"] and view["embed"]["kernel"] is w
+    np.testing.assert_array_equal(np.asarray(M.dense(x, kernel[1]), np.float32),
+                                  np.asarray(M.dense(x, w + 1), np.float32))
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_each_ports_scanned_layers_compute_the_same_on_the_uint16_view(name):
+    """What `lora train` passes its step on a CPU in bf16 (storage_view): the same logits as the
+    bf16 kernels, on the decoder port's Dense and on GPT-2's [out, in] Conv1D."""
+    from flax_lora.models.registry import from_config
+    from flax_lora.models.stacking import stack_layers
+    from tests.conftest import _configs
+
+    m = from_config(_configs()[name], dtype=jnp.bfloat16)
+    module, params = m.module.clone(scan=True), stack_layers(m.params)
+    view = M.storage_view(params)
+    assert M.STORAGE in {x.dtype for x in jax.tree_util.tree_leaves(view)}
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 9)), jnp.int32)
+    run = jax.jit(lambda p: module.apply({"params": p}, ids, jnp.ones_like(ids)).logits)
+    np.testing.assert_array_equal(np.asarray(run(view)), np.asarray(run(params)))
