@@ -60,6 +60,8 @@ def _report_to(value: str | None):
 @click.option("--save-every", type=click.IntRange(min=0), help="Checkpoint every N steps (0: only at the end).")
 @click.option("--eval-every", type=click.IntRange(min=0), help="Validation loss every N steps.")
 @click.option("--log-every", type=click.IntRange(min=1), help="A metrics.jsonl row (loss, tokens/s) every N steps (default 10).")
+@click.option("--rouge-examples", type=click.IntRange(min=0),
+              help="Eval examples answered for ROUGE before and after training (default 32; 0: loss only, no generation).")
 @click.option("--resume", is_flag=True, help="Continue the run in --output from its last checkpoint.")
 @click.option("--seed", type=int)
 @click.option("--precision", type=click.Choice(["bf16", "fp32"]))
@@ -93,7 +95,7 @@ def _report_to(value: str | None):
                    "(comma-separated).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or messages (scripts).")
 def train(advice_file, model, data, eval_data, split, eval_split, packing, output, max_steps, epochs, batch_size, grad_accum, max_length,
-          learning_rate, save_every, eval_every, log_every, resume, seed, precision, quantization, data_format, input_field,
+          learning_rate, save_every, eval_every, log_every, rouge_examples, resume, seed, precision, quantization, data_format, input_field,
           target_field, chat_template,
           adapter, on_bad_row, on_divergence, shard_frozen, remat, coordinator, num_processes, process_id, report_to,
           quiet):
@@ -116,7 +118,7 @@ def train(advice_file, model, data, eval_data, split, eval_split, packing, outpu
 
     overrides = dict(eval_data=eval_data, split=split, eval_split=eval_split, packing=packing, max_steps=max_steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
                      max_length=max_length, learning_rate=learning_rate, save_every=save_every, eval_every=eval_every,
-                     log_every=log_every,
+                     log_every=log_every, rouge_examples=rouge_examples,
                      seed=seed, precision=precision, quantization=quantization, data_format=data_format,
                      input_field=input_field, target_field=target_field, chat_template=chat_template,
                      adapter=adapter, on_bad_row=on_bad_row, on_divergence=on_divergence, shard_frozen=shard_frozen,

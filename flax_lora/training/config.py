@@ -26,7 +26,7 @@ Reporter = Literal["tensorboard", "wandb"]
 
 # Fields a --resume may change without it being "a different run" (learning_rate: the divergence
 # guard's remedy is ``--resume --learning-rate X``).
-RESUMABLE = frozenset({"max_steps", "epochs", "save_every", "eval_every", "log_every", "learning_rate",
+RESUMABLE = frozenset({"max_steps", "epochs", "save_every", "eval_every", "log_every", "rouge_examples", "learning_rate",
                        "on_bad_row", "on_divergence", "shard_frozen", "remat", "report_to"})
 MAX_LR_HALVINGS = 3  # --on-divergence halve-lr: rollbacks before giving up
 

@@ -47,7 +47,7 @@ def _ckpts(run: Path) -> list[str]:
 
 
 def test_sigint_and_sigterm_save_a_checkpoint_and_exit_130_143(tmp_path, env):
-    args = ["--max-steps", "2000", "--save-every", "0", "--eval-every", "0", "-q"]
+    args = ["--max-steps", "2000", "--save-every", "0", "--eval-every", "0", "--rouge-examples", "0", "-q"]
     procs = {sig: subprocess.Popen([sys.executable, "-m", "cli", "train", "--output", f"run_{sig.name}", *args],
                                    cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-ARGS = ["--max-steps", "40", "--save-every", "4", "-q"]
+ARGS = ["--max-steps", "40", "--save-every", "4", "--rouge-examples", "0", "-q"]
 pytestmark = pytest.mark.slow
 
 

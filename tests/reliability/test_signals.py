@@ -18,7 +18,7 @@ import pytest
 from tests.helpers import subprocess_env
 
 pytestmark = pytest.mark.slow
-SEQ, BATCH = 512, 8
+SEQ, BATCH = 512, 4
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def slow_model(tmp_path_factory):
 def _start(slow_model, out, env):
     args = ["--model", str(slow_model / "model"), "--data", str(slow_model / "train.jsonl"), "--output", str(out),
             "--max-steps", "100000", "--max-length", str(SEQ), "--batch-size", str(BATCH), "--grad-accum", "1",
-            "--save-every", "0", "--eval-every", "0", "--log-every", "1", "--precision", "fp32", "-q"]
+            "--save-every", "0", "--eval-every", "0", "--log-every", "2", "--rouge-examples", "0", "--precision", "fp32", "-q"]
     return subprocess.Popen([sys.executable, "-m", "cli", "train", *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
@@ -98,7 +98,7 @@ def test_first_signal_stops_within_a_step_second_exits_at_once(slow_model, tmp_p
     assert stopped < 2 * step + 8, (stopped, step)
     assert f"Continue with: lora train --output {out} --resume" in err and "Traceback" not in err
     saved = [p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()]
-    assert len(saved) == 1 and int(saved[0]) >= 1, saved
+    assert len(saved) == 1 and int(saved[0]) >= 2, saved
 
     # Resume, then two signals: the second ends the process at once, without saving.
     first = int(saved[0])

@@ -16,7 +16,7 @@ from tests.helpers import free_port, host_devices_env
 pytestmark = pytest.mark.slow  # trains or starts subprocesses
 
 ARGS = ["--max-steps", "6", "--batch-size", "2", "--grad-accum", "2", "--seed", "3", "--save-every", "3",
-        "--eval-every", "0", "--quiet"]
+        "--eval-every", "0", "--rouge-examples", "0", "--quiet"]
 
 
 def _lora(args, env):

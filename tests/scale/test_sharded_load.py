@@ -23,6 +23,7 @@ from tests.helpers import ROOT, free_port, host_devices_env
 pytestmark = pytest.mark.slow  # starts subprocesses that train
 
 TRAIN = ["--max-steps", "4", "--grad-accum", "1", "--seed", "3", "--save-every", "2", "--eval-every", "0",
+         "--rouge-examples", "0",
          "--learning-rate", "0.03", "--max-length", "16"]
 
 
