@@ -12,7 +12,10 @@ import os
 
 import pytest
 
-from tests.helpers import VOCAB
+from tests.helpers import TEST_XLA_FLAGS, VOCAB
+
+if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):  # before any test starts JAX's CPU backend
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 
 
 def _configs():
