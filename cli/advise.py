@@ -103,6 +103,8 @@ def _targets(value: str | None):
               help="Gradient checkpointing on/off (default: on only when batch 1 does not fit without it).")
 @click.option("--shard-frozen/--no-shard-frozen", "shard_frozen", default=None,
               help="Split the frozen weights over the --gpus (default: when a full copy does not fit one GPU).")
+@click.option("--packing/--no-packing", default=None,
+              help="Several examples per row (default: on when the data is short for max_length and the model can).")
 @click.option("--json", "as_json", is_flag=True, help="Print the advice as JSON.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the advice JSON here (atomically).")
 def advise(vram, task, targets, grad_accum, as_json, output, **fields) -> None:

@@ -120,3 +120,12 @@ def test_no_heavy_imports():
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("flag,want", [("--packing", True), ("--no-packing", False)])
+def test_packing_flag_is_the_advice_and_says_it_was_given(flag, want):
+    res = run("advise", "--samples", "3000", "--vram", "12", "--model", "HuggingFaceTB/SmolLM2-135M", flag, "--json")
+    assert res.exit_code == 0, res.output
+    advice = Advice.from_json(res.stdout)
+    assert advice == advise(samples=3000, vram_gb=12, model="HuggingFaceTB/SmolLM2-135M", packing=want)
+    assert advice.training.packing is want
