@@ -42,6 +42,13 @@ def native_bf16(*dtypes) -> bool:
             and os.environ.get("LORA_BF16_DOTS") != "xla")
 
 
+def native_bf16_layers(dtype) -> bool:
+    """Whether scanned bf16 layers on XLA:CPU also get uint16 kernel stacks (:func:`storage_view`)
+    and packed residuals (:mod:`flax_lora.residuals`): :func:`native_bf16`, unless
+    ``LORA_BF16_DOTS=dots`` keeps only the dots (for A/B runs)."""
+    return native_bf16(dtype) and os.environ.get("LORA_BF16_DOTS") != "dots"
+
+
 def _dot(a, b, contract_a, contract_b, dtype):
     dims = ((contract_a, contract_b), ((), ()))
     return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32).astype(dtype)
@@ -159,7 +166,7 @@ def storage_view(params):
     CPU device the view shares the kernel's buffer (``device_put`` of a numpy view does not copy);
     leaves spread over several devices are left for the step to view. A leaf not committed to its
     device stays uncommitted (else the step would compile again once its outputs come back committed)."""
-    if not native_bf16(jnp.bfloat16) or os.environ.get("LORA_BF16_DOTS") == "dots":
+    if not native_bf16_layers(jnp.bfloat16):
         return params
 
     def view(path, leaf):

@@ -16,14 +16,13 @@ layers on the CPU backend (:func:`wanted`); elsewhere JAX's own VJP is already r
 
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from flax_lora.matmul import native_bf16
+from flax_lora.matmul import native_bf16_layers
 
 _BF16 = jnp.dtype(jnp.bfloat16)
 PACKED = jnp.dtype(jnp.int16)  # bf16 residual bits; uint16 is taken by kernels' storage view (matmul.as_storage)
@@ -31,7 +30,7 @@ PACKED = jnp.dtype(jnp.int16)  # bf16 residual bits; uint16 is taken by kernels'
 
 def wanted(dtype) -> bool:
     """Whether a scanned layer computing in ``dtype`` should pack its residuals (bf16 on XLA:CPU)."""
-    return native_bf16(dtype) and os.environ.get("LORA_BF16_DOTS") != "dots"  # "dots": for A/B only
+    return native_bf16_layers(dtype)
 
 
 def pack(tree):
